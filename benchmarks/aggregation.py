@@ -1,0 +1,121 @@
+"""Time FedLSC.aggregate_train against Flower's FedAvg.aggregate_train on the same replies.
+
+Both strategies receive identical mocked replies (Flower ``Message`` objects holding
+``ArrayRecord`` s) for a model's state_dict shapes; each (strategy, N) is timed
+``--repeats`` times, interleaved, and the median is kept. The ratio column is
+FedLSC / FedAvg measured in the same run, so it survives a noisy machine.
+
+    python benchmarks/aggregation.py --model res2net50_sa --clients 3 10 30
+    python benchmarks/aggregation.py --model small --clients 3 10 30 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedlsc_flwr import FedLSC
+
+
+def model_shapes(name: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """State_dict shapes and dtypes of a model, without keeping its weights."""
+    if name == "small":
+        return {"conv.weight": ((64, 32, 3, 3), "float32"), "bn.weight": ((64,), "float32"),
+                "bn.bias": ((64,), "float32"), "bn.running_mean": ((64,), "float32"),
+                "bn.running_var": ((64,), "float32"), "bn.num_batches_tracked": ((), "int64"),
+                "classifier.weight": ((7, 64), "float32"), "classifier.bias": ((7,), "float32")}
+    if name.startswith("timm:"):  # any timm architecture, e.g. timm:res2net50_26w_4s
+        import timm
+
+        model = timm.create_model(name[5:], num_classes=7)
+    else:
+        from fedlsc_flwr.model import build_model
+
+        model = build_model(name, num_classes=7)
+    return {k: (tuple(v.shape), str(v.dtype).replace("torch.", ""))
+            for k, v in model.state_dict().items()}
+
+
+def make_state(shapes, rng, base=None, scale=1.0):
+    state = {}
+    for key, (shape, dtype) in shapes.items():
+        if dtype.startswith("int"):
+            state[key] = np.array(5, dtype=dtype).reshape(shape)
+        elif base is None:
+            state[key] = rng.standard_normal(shape, dtype=np.float32)
+        else:
+            state[key] = base[key] + scale * rng.standard_normal(shape, dtype=np.float32)
+    return state
+
+
+def make_replies(global_state, n, rng):
+    replies = []
+    for node in range(1, n + 1):
+        state = make_state({k: (v.shape, str(v.dtype)) for k, v in global_state.items()},
+                           rng, base=global_state, scale=1e-3)
+        instruction = Message(RecordDict({}), dst_node_id=node, message_type=MessageType.TRAIN)
+        content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in state.items()}),
+                              "metrics": MetricRecord({"num-examples": 100 + node})})
+        replies.append(Message(content=content, reply_to=instruction))
+        del state
+    return replies
+
+
+class _Grid:
+    def __init__(self, n):
+        self.n = n
+
+    def get_node_ids(self):
+        return list(range(1, self.n + 1))
+
+
+def time_call(fn) -> float:
+    gc.collect()
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="res2net50_sa")
+    parser.add_argument("--clients", type=int, nargs="+", default=[3, 10, 30])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+
+    rng = np.random.default_rng(0)
+    shapes = model_shapes(args.model)
+    global_state = make_state(shapes, rng)
+    params = sum(v.size for v in global_state.values())
+    print(f"model={args.model} tensors={len(global_state)} elements={params:,} "
+          f"({params * 4 / 2**20:.1f} MiB float32)")
+    print(f"{'N':>4} {'FedAvg s':>10} {'FedLSC s':>10} {'ratio':>7} {'FedLSC s/client':>16}")
+    global_record = ArrayRecord({k: Array(v) for k, v in global_state.items()})
+    rows = []
+    for n in args.clients:
+        replies = make_replies(global_state, n, rng)
+        fedavg, fedlsc = FedAvg(), FedLSC(personalized_ratio=0.0)
+        list(fedlsc.configure_train(1, global_record, ConfigRecord(), _Grid(n)))
+        avg_t, lsc_t = [], []
+        for _ in range(args.repeats):
+            avg_t.append(time_call(lambda: fedavg.aggregate_train(1, replies)))
+            lsc_t.append(time_call(lambda: fedlsc.aggregate_train(1, replies)))
+        a, b = statistics.median(avg_t), statistics.median(lsc_t)
+        rows.append((n, a, b))
+        print(f"{n:>4} {a:>10.3f} {b:>10.3f} {b / a:>7.2f} {b / n:>16.4f}", flush=True)
+        del replies
+    if len(rows) > 1:
+        (n0, _, t0), (n1, _, t1) = rows[0], rows[-1]
+        print(f"FedLSC growth N={n0}->{n1}: time x{t1 / t0:.2f} for clients x{n1 / n0:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,273 @@
+"""Layer-similarity math of FedLSC (Eq. 1-6 of Liu, Chen & Lv 2026), numpy only.
+
+Nothing here imports Flower: the functions take and return plain ``numpy`` arrays
+keyed by state_dict names, so they can be tested and reused outside a federation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+#: State_dict suffixes that are buffers, not parameters. An ArrayRecord does not say
+#: which tensors are buffers, so they are recognised by name (see FEDLSC.md).
+BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+
+#: A norm below this is treated as a zero update (similarity 0 to everyone).
+ZERO_NORM = 1e-30
+
+
+def layer_of(key: str) -> str:
+    """The layer (leaf-module prefix) a state_dict key belongs to: ``a.b.weight`` -> ``a.b``."""
+    return key.rpartition(".")[0] or key
+
+
+def is_buffer(key: str) -> bool:
+    """True for norm running statistics and counters, recognised by name."""
+    return key.rpartition(".")[2] in BUFFER_SUFFIXES
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One aggregation unit: the float parameters compared, and the tensors that follow."""
+
+    name: str
+    params: tuple[str, ...]  # float parameters, concatenated into the update vector
+    buffers: tuple[str, ...] = ()  # float buffers: averaged with the layer's weights
+    counters: tuple[str, ...] = ()  # integer tensors: never averaged
+    sizes: tuple[int, ...] = field(default=(), compare=False)  # element count of params
+
+    @property
+    def size(self) -> int:
+        return int(sum(self.sizes))
+
+
+def group_layers(
+    state: Mapping[str, np.ndarray], granularity: str = "layer"
+) -> list[Layer]:
+    """Group state_dict entries into layers, in first-seen order.
+
+    ``granularity="layer"`` groups every tensor under the same leaf-module prefix;
+    ``"tensor"`` makes each parameter its own unit, named by its key (buffers then
+    follow the ``weight`` of their module, or its first parameter).
+    """
+    if granularity not in ("layer", "tensor"):
+        raise ValueError(f"granularity must be 'layer' or 'tensor', got {granularity!r}")
+    params: dict[str, list[str]] = {}
+    buffers: dict[str, list[str]] = {}
+    counters: dict[str, list[str]] = {}
+    order: list[str] = []
+    for key, value in state.items():
+        prefix = layer_of(key)
+        if prefix not in params:
+            params[prefix], buffers[prefix], counters[prefix] = [], [], []
+            order.append(prefix)
+        if not np.issubdtype(value.dtype, np.floating):
+            counters[prefix].append(key)
+        elif is_buffer(key):
+            buffers[prefix].append(key)
+        else:
+            params[prefix].append(key)
+
+    layers: list[Layer] = []
+    for prefix in order:
+        sizes = tuple(int(state[k].size) for k in params[prefix])
+        if granularity == "layer" or not params[prefix]:
+            layers.append(
+                Layer(prefix, tuple(params[prefix]), tuple(buffers[prefix]),
+                      tuple(counters[prefix]), sizes)
+            )
+            continue
+        names = params[prefix]
+        owner = f"{prefix}.weight" if f"{prefix}.weight" in names else names[0]
+        for key, size in zip(names, sizes):
+            extra = key == owner
+            layers.append(
+                Layer(key, (key,), tuple(buffers[prefix]) if extra else (),
+                      tuple(counters[prefix]) if extra else (), (size,))
+            )
+    return layers
+
+
+def update_matrix(
+    global_state: Mapping[str, np.ndarray],
+    client_states: Sequence[Mapping[str, np.ndarray]],
+    layer: Layer,
+    workspace: np.ndarray | None = None,
+) -> np.ndarray:
+    """Eq. 1 for one layer: rows are Δw_i = w_i - w_g, the layer's parameters flattened.
+
+    Returned as float32 of shape (N, P_l), written in one pass per client. A
+    ``workspace`` (flat float32, at least N·P_l long) is reused instead of allocating:
+    fresh pages cost more than the subtraction itself.
+    """
+    n = len(client_states)
+    if workspace is None:
+        out = np.empty((n, layer.size), dtype=np.float32)
+    else:
+        out = workspace[: n * layer.size].reshape(n, layer.size)
+    offset = 0
+    for key, size in zip(layer.params, layer.sizes):
+        g = np.asarray(global_state[key]).reshape(-1)
+        for i, state in enumerate(client_states):
+            np.subtract(np.asarray(state[key]).reshape(-1), g,
+                        out=out[i, offset:offset + size], casting="unsafe")
+        offset += size
+    return out
+
+
+def row_norms(updates: np.ndarray) -> np.ndarray:
+    """Euclidean norm of each row, accumulated in float64 through BLAS dot products."""
+    return np.sqrt(np.array([float(np.dot(row, row)) for row in updates]))
+
+
+def mean_similarity(updates: np.ndarray, norms: np.ndarray | None = None) -> np.ndarray:
+    """Eq. 2-3 without the N×N loop: s̄_i = (û_i·Σ_j û_j − û_i·û_i) / (N − 1).
+
+    ``updates`` is (N, P). A zero row has similarity 0 to every client (and every
+    client to it). N = 1 gives 0. Cost O(N·P).
+    """
+    n = updates.shape[0]
+    if n == 1:
+        return np.zeros(1)
+    if norms is None:
+        norms = row_norms(updates)
+    nonzero = norms > ZERO_NORM
+    inv = np.where(nonzero, 1.0 / np.where(nonzero, norms, 1.0), 0.0)
+    direction_sum = inv.astype(np.float32) @ updates  # Σ_j û_j, shape (P,)
+    dots = (updates @ direction_sum).astype(np.float64) * inv  # û_i · Σ_j û_j
+    self_dot = nonzero.astype(np.float64)  # û_i · û_i
+    return (dots - self_dot) / (n - 1)
+
+
+def similarity_matrix(updates: np.ndarray) -> np.ndarray:
+    """Eq. 2, the full N×N cosine matrix (for reports and plots; O(N²·P))."""
+    u = updates.astype(np.float64)
+    norms = np.sqrt(np.einsum("ij,ij->i", u, u))
+    nonzero = norms > ZERO_NORM
+    u[nonzero] /= norms[nonzero, None]
+    u[~nonzero] = 0.0
+    sim = u @ u.T
+    np.fill_diagonal(sim, np.where(nonzero, 1.0, 0.0))
+    return sim
+
+
+def softmax_weights(mean_sim: np.ndarray, temperature: float) -> np.ndarray:
+    """Eq. 4: softmax over clients of s̄_i / τ, computed stably."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    z = np.asarray(mean_sim, dtype=np.float64) / temperature
+    z -= z.max()
+    e = np.exp(z)
+    return e / e.sum()
+
+
+def weighted_sum(
+    global_state: Mapping[str, np.ndarray],
+    client_states: Sequence[Mapping[str, np.ndarray]],
+    layer: Layer,
+    weights: np.ndarray,
+    updates: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """Eq. 5 for one layer, returned in the global model's dtypes.
+
+    With the update matrix at hand it computes w_g + Σ_i ŵ_i Δw_i (the same as
+    Σ_i ŵ_i w_i when Σ ŵ = 1) as one matrix-vector product. Buffers follow the
+    same weights; integer counters take the largest client value (never averaged).
+    """
+    w32 = np.asarray(weights, dtype=np.float32)
+    out: dict[str, np.ndarray] = {}
+    if layer.params:
+        if updates is None:
+            updates = update_matrix(global_state, client_states, layer)
+        flat = w32 @ updates
+        offset = 0
+        for key, size in zip(layer.params, layer.sizes):
+            g = np.asarray(global_state[key])
+            flat[offset:offset + size] += g.reshape(-1)
+            out[key] = flat[offset:offset + size].reshape(g.shape).astype(g.dtype, copy=False)
+            offset += size
+    for key in layer.buffers:
+        g = np.asarray(global_state[key])
+        acc = np.zeros(g.shape, dtype=np.float64)
+        for w, state in zip(weights, client_states):
+            acc += float(w) * np.asarray(state[key], dtype=np.float64)
+        out[key] = acc.astype(g.dtype)
+    for key in layer.counters:
+        out[key] = np.max(np.stack([np.asarray(s[key]) for s in client_states]), axis=0)
+    return out
+
+
+def select_personalized(layer_mean_sim: Mapping[str, float], ratio: float) -> frozenset[str]:
+    """Eq. 6: layers whose mean similarity is strictly below the ``ratio`` quantile.
+
+    The quantile is ``numpy.quantile`` with its default (linear) method. Ratio 0 selects
+    nothing (nothing is strictly below the minimum).
+    """
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"personalized_ratio must be in [0, 1), got {ratio}")
+    if not layer_mean_sim:
+        return frozenset()
+    names = list(layer_mean_sim)
+    values = np.array([layer_mean_sim[n] for n in names], dtype=np.float64)
+    threshold = np.quantile(values, ratio)
+    return frozenset(n for n, v in zip(names, values) if v < threshold)
+
+
+@dataclass
+class LayerReport:
+    """What one round of Eq. 1-5 found for one layer."""
+
+    mean_similarity: np.ndarray  # s̄_i per client, shape (N,)
+    weights: np.ndarray  # ŵ_i per client, shape (N,)
+    matrix: np.ndarray | None = None  # full s_ij, when asked for
+
+
+def aggregate_layers(
+    global_state: Mapping[str, np.ndarray],
+    client_states: Sequence[Mapping[str, np.ndarray]],
+    layers: Iterable[Layer],
+    temperature: float,
+    with_matrix: bool = False,
+) -> tuple[dict[str, np.ndarray], dict[str, LayerReport]]:
+    """Eq. 1-5 over the given layers: new global tensors, and a report per layer.
+
+    A layer without float parameters (only buffers) has nothing to compare: its
+    tensors are averaged with uniform weights.
+    """
+    n = len(client_states)
+    layers = list(layers)
+    new_state: dict[str, np.ndarray] = {}
+    reports: dict[str, LayerReport] = {}
+    workspace = np.empty(n * max((layer.size for layer in layers), default=0), np.float32)
+    for layer in layers:
+        if not layer.params:
+            new_state.update(weighted_sum(global_state, client_states, layer, np.full(n, 1.0 / n)))
+            continue
+        updates = update_matrix(global_state, client_states, layer, workspace)
+        mean_sim = mean_similarity(updates)
+        weights = softmax_weights(mean_sim, temperature)
+        new_state.update(weighted_sum(global_state, client_states, layer, weights, updates))
+        reports[layer.name] = LayerReport(
+            mean_sim, weights, similarity_matrix(updates) if with_matrix else None
+        )
+    return new_state, reports
+
+
+def average_layers(
+    global_state: Mapping[str, np.ndarray],
+    client_states: Sequence[Mapping[str, np.ndarray]],
+    layers: Iterable[Layer],
+    weights: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """The same weights for every layer (FedAvg by examples), for the -FC baselines."""
+    layers = list(layers)
+    n = len(client_states)
+    workspace = np.empty(n * max((layer.size for layer in layers), default=0), np.float32)
+    new_state: dict[str, np.ndarray] = {}
+    for layer in layers:
+        updates = update_matrix(global_state, client_states, layer, workspace) if layer.params else None
+        new_state.update(weighted_sum(global_state, client_states, layer, weights, updates))
+    return new_state
