@@ -15,9 +15,18 @@ import argparse
 import gc
 import statistics
 import time
+from functools import partial
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -106,8 +115,8 @@ def main() -> None:
         list(fedlsc.configure_train(1, global_record, ConfigRecord(), _Grid(n)))
         avg_t, lsc_t = [], []
         for _ in range(args.repeats):
-            avg_t.append(time_call(lambda: fedavg.aggregate_train(1, replies)))
-            lsc_t.append(time_call(lambda: fedlsc.aggregate_train(1, replies)))
+            avg_t.append(time_call(partial(fedavg.aggregate_train, 1, replies)))
+            lsc_t.append(time_call(partial(fedlsc.aggregate_train, 1, replies)))
         a, b = statistics.median(avg_t), statistics.median(lsc_t)
         rows.append((n, a, b))
         print(f"{n:>4} {a:>10.3f} {b:>10.3f} {b / a:>7.2f} {b / n:>16.4f}", flush=True)

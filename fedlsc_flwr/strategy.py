@@ -9,7 +9,6 @@ The array math lives in :mod:`fedlsc_flwr.similarity`.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from collections.abc import Iterable, Mapping
@@ -18,7 +17,7 @@ from logging import DEBUG, INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx
@@ -29,6 +28,7 @@ from fedlsc_flwr.similarity import (
     aggregate_layers,
     average_layers,
     group_layers,
+    is_buffer,
     select_personalized,
 )
 
@@ -74,8 +74,7 @@ def array_from_numpy(value: np.ndarray) -> Array:
         value = value.copy(order="C")
     if value.dtype.hasobject:
         raise ValueError("object arrays are not accepted")
-    header = "{'descr': %r, 'fortran_order': False, 'shape': %r, }" % (
-        value.dtype.str, value.shape)
+    header = f"{{'descr': {value.dtype.str!r}, 'fortran_order': False, 'shape': {value.shape!r}, }}"
     # numpy pads so that the data starts on a 64-byte boundary, ending with a newline
     padding = -(10 + len(header) + 1) % 64
     header_bytes = (header + " " * padding + "\n").encode("latin1")
@@ -134,8 +133,13 @@ class PersonalizedFedAvg(FedAvg):
         personalized_layers: Iterable[str] = (),
         proximal_mu: float = 0.0,
         granularity: str = "layer",
+        *,
+        max_update_norm_ratio: float = 0.0,
         **fedavg_kwargs: Any,
     ) -> None:
+        if max_update_norm_ratio < 0:
+            raise ValueError(
+                f"max_update_norm_ratio must be >= 0 (0 = off), got {max_update_norm_ratio}")
         if proximal_mu < 0:
             raise ValueError(f"proximal_mu must be >= 0, got {proximal_mu}")
         if granularity not in ("layer", "tensor"):
@@ -143,6 +147,7 @@ class PersonalizedFedAvg(FedAvg):
         super().__init__(**fedavg_kwargs)
         self.proximal_mu = float(proximal_mu)
         self.granularity = granularity
+        self.max_update_norm_ratio = float(max_update_norm_ratio)
         self.personalized_layers: frozenset[str] = frozenset(personalized_layers)
         self.last_report: RoundReport | None = None
         self._global: ArrayRecord | None = None
@@ -228,59 +233,86 @@ class PersonalizedFedAvg(FedAvg):
     ) -> tuple[list[Message], list[dict[str, np.ndarray]]]:
         assert self._global is not None
         expected = {k: self._global[k] for k in self._sent_keys}
+        global_views = {k: array_view(v) for k, v in expected.items()}
+        float32_sizes = [v.size for v in global_views.values() if v.dtype == np.float32]
+        scratch = np.empty(max(float32_sizes, default=0), np.float32)
         accepted: list[Message] = []
         states: list[dict[str, np.ndarray]] = []
+        norms: list[float] = []
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
                 log(WARNING, "Round %s: node %s replied with an error: %s",
                     server_round, node, msg.error.reason)
                 continue
-            problem, state = self._check_reply(msg, expected)
+            problem, state, norm = self._check_reply(msg, expected, global_views, scratch)
             if problem:
                 log(WARNING, "Round %s: dropped the reply of node %s: %s",
                     server_round, node, problem)
                 continue
             accepted.append(msg)
             states.append(state)
+            norms.append(norm)
+        if self.max_update_norm_ratio > 0 and len(accepted) >= 3:
+            limit = self.max_update_norm_ratio * float(np.median(norms))
+            keep = [i for i, norm in enumerate(norms) if norm <= limit]
+            for i in sorted(set(range(len(accepted))) - set(keep)):
+                log(WARNING, "Round %s: dropped the reply of node %s: update norm %.4g is "
+                    "%.1f x the median (limit %g x)", server_round,
+                    accepted[i].metadata.src_node_id, norms[i],
+                    norms[i] / max(float(np.median(norms)), 1e-30), self.max_update_norm_ratio)
+            accepted, states = [accepted[i] for i in keep], [states[i] for i in keep]
         log(INFO, "aggregate_train: %s replies accepted, %s dropped",
             len(accepted), len(replies) - len(accepted))
         return accepted, states
 
     def _check_reply(
-        self, msg: Message, expected: Mapping[str, Array]
-    ) -> tuple[str | None, dict[str, np.ndarray]]:
-        """Why a reply cannot be aggregated (None if it can), and its arrays as views."""
+        self, msg: Message, expected: Mapping[str, Array],
+        global_views: Mapping[str, np.ndarray], scratch: np.ndarray,
+    ) -> tuple[str | None, dict[str, np.ndarray], float]:
+        """Why a reply cannot be aggregated (None if it can), its arrays as views, and the
+        norm of its update (parameters only)."""
         content = msg.content
         if self.arrayrecord_key not in content.array_records:
-            return f"no ArrayRecord under '{self.arrayrecord_key}'", {}
+            return f"no ArrayRecord under '{self.arrayrecord_key}'", {}, 0.0
         if len(content.metric_records) != 1:
-            return f"expected one MetricRecord, found {len(content.metric_records)}", {}
+            return f"expected one MetricRecord, found {len(content.metric_records)}", {}, 0.0
         count = _metrics(msg).get(self.weighted_by_key)
         if isinstance(count, list) or count is None or not count > 0:
-            return f"metric '{self.weighted_by_key}' missing or not positive ({count!r})", {}
+            return (f"metric '{self.weighted_by_key}' missing or not positive ({count!r})",
+                    {}, 0.0)
         arrays = content.array_records[self.arrayrecord_key]
         missing = [k for k in expected if k not in arrays]
         if missing:
-            return f"missing keys {missing[:3]}{' …' if len(missing) > 3 else ''}", {}
+            return f"missing keys {missing[:3]}{' …' if len(missing) > 3 else ''}", {}, 0.0
         extra = [k for k in arrays if k not in expected]
         if extra:
             return (f"unexpected keys {extra[:3]}{' …' if len(extra) > 3 else ''} "
-                    "(personalized or unknown layers)"), {}
+                    "(personalized or unknown layers)"), {}, 0.0
         state: dict[str, np.ndarray] = {}
+        squared_norm = 0.0
         for key, ref in expected.items():
             got = arrays[key]
             if tuple(got.shape) != tuple(ref.shape) or got.dtype != ref.dtype:
                 return (f"key '{key}' has shape {tuple(got.shape)} {got.dtype}, "
-                        f"expected {tuple(ref.shape)} {ref.dtype}"), {}
+                        f"expected {tuple(ref.shape)} {ref.dtype}"), {}, 0.0
             try:
                 value = array_view(got)
             except (ValueError, TypeError) as err:
-                return f"key '{key}' cannot be read: {err}", {}
-            if np.issubdtype(value.dtype, np.floating) and not _all_finite(value):
-                return f"key '{key}' holds NaN or Inf values", {}
+                return f"key '{key}' cannot be read: {err}", {}, 0.0
+            if np.issubdtype(value.dtype, np.floating):
+                if is_buffer(key):
+                    finite = _all_finite(value)
+                else:
+                    step = _squared_distance(value, global_views[key], scratch)
+                    finite = math.isfinite(step) or bool(np.isfinite(value).all())
+                    squared_norm += step
+                if not finite:
+                    return f"key '{key}' holds NaN or Inf values", {}, 0.0
+                if not math.isfinite(squared_norm):
+                    return f"key '{key}' holds an update too large to measure", {}, 0.0
             state[key] = value
-        return None, state
+        return None, state, math.sqrt(squared_norm)
 
     # ------------------------------------------------------------------ state
     def _layers(self, arrays: ArrayRecord) -> list[Layer]:
@@ -369,6 +401,18 @@ class FedLSC(PersonalizedFedAvg):
         super().summary()
 
 
+class LocalOnly(PersonalizedFedAvg):
+    """Each site trains on its own: round 1 hands every site the same initial model,
+    after which every layer is personalized and nothing is exchanged."""
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        messages = super().configure_train(server_round, arrays, config, grid)
+        self.personalized_layers = frozenset(layer.name for layer in self._layers(arrays))
+        return messages
+
+
 def _weight_metrics(reports: Mapping[str, LayerReport]) -> dict[str, float]:
     if not reports:
         return {}
@@ -407,6 +451,17 @@ def _metrics(msg: Message) -> MetricRecord:
     return next(iter(msg.content.metric_records.values()))
 
 
+def _squared_distance(value: np.ndarray, reference: np.ndarray, scratch: np.ndarray) -> float:
+    """||value − reference||² through a reused float32 buffer (no allocation per array).
+    NaN/Inf anywhere makes it non-finite."""
+    if value.dtype == np.float32 and reference.dtype == np.float32:
+        diff = scratch[: value.size]
+        np.subtract(value.reshape(-1), reference.reshape(-1), out=diff)
+    else:
+        diff = (value.astype(np.float64) - reference).reshape(-1)
+    return float(np.dot(diff, diff))
+
+
 def _all_finite(value: np.ndarray) -> bool:
     """NaN/Inf check. A BLAS sum of squares is finite when every element is (fast path);
     when it is not, an exact element-wise check decides (a square can overflow)."""
@@ -417,7 +472,8 @@ def _all_finite(value: np.ndarray) -> bool:
 
 
 # ---------------------------------------------------------------------- registry
-STRATEGY_NAMES = ("fedlsc", "fedlsc-per0", "fedavg", "fedprox", "fedavg-fc", "fedprox-fc")
+STRATEGY_NAMES = (
+    "fedlsc", "fedlsc-per0", "fedavg", "fedprox", "fedavg-fc", "fedprox-fc", "local-only")
 
 
 def build_strategy(
@@ -427,23 +483,30 @@ def build_strategy(
     personalized_ratio: float = 0.01,
     proximal_mu: float = 0.001,
     head_layer: str = "classifier",
+    granularity: str = "layer",
+    max_update_norm_ratio: float = 0.0,
     **fedavg_kwargs: Any,
 ) -> FedAvg:
     """The paper's methods by name, so its table is reproduced with one switch.
 
     ``fedavg-fc`` / ``fedprox-fc`` keep ``head_layer`` on the sites; ``fedlsc-per0``
-    is FedLSC with Per = 0 (no personalized layer).
+    is FedLSC with Per = 0 (no personalized layer); ``local-only`` shares nothing
+    after handing out the initial model. Flower's own FedAvg/FedProx do not filter
+    updates by norm (``max_update_norm_ratio`` applies to the other methods).
     """
-    if name == "fedlsc":
-        return FedLSC(temperature, personalized_ratio, proximal_mu, **fedavg_kwargs)
-    if name == "fedlsc-per0":
-        return FedLSC(temperature, 0.0, proximal_mu, **fedavg_kwargs)
-    if name == "fedavg":
-        return FedAvg(**fedavg_kwargs)
-    if name == "fedprox":
+    if name in ("fedavg", "fedprox"):
+        if name == "fedavg":
+            return FedAvg(**fedavg_kwargs)
         return FedProx(proximal_mu=proximal_mu, **fedavg_kwargs)
+    fedavg_kwargs["max_update_norm_ratio"] = max_update_norm_ratio
+    if name == "fedlsc":
+        return FedLSC(temperature, personalized_ratio, proximal_mu, granularity, **fedavg_kwargs)
+    if name == "fedlsc-per0":
+        return FedLSC(temperature, 0.0, proximal_mu, granularity, **fedavg_kwargs)
     if name == "fedavg-fc":
-        return PersonalizedFedAvg([head_layer], 0.0, **fedavg_kwargs)
+        return PersonalizedFedAvg([head_layer], 0.0, granularity, **fedavg_kwargs)
     if name == "fedprox-fc":
-        return PersonalizedFedAvg([head_layer], proximal_mu, **fedavg_kwargs)
+        return PersonalizedFedAvg([head_layer], proximal_mu, granularity, **fedavg_kwargs)
+    if name == "local-only":
+        return LocalOnly((), 0.0, granularity, **fedavg_kwargs)
     raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGY_NAMES)}")

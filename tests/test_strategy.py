@@ -6,7 +6,15 @@ import logging
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp.strategy import FedAvg, FedProx
 
 from fedlsc_flwr import FedLSC, PersonalizedFedAvg, build_strategy
@@ -227,8 +235,8 @@ def test_error_reply_and_missing_example_count_are_dropped(flwr_logs):
     configure(strategy, g)
     from flwr.app import Error
 
-    failed = Message(Error(code=0, reason="site crashed"),
-                     reply_to=Message(RecordDict({}), dst_node_id=1, message_type=MessageType.TRAIN))
+    instruction = Message(RecordDict({}), dst_node_id=1, message_type=MessageType.TRAIN)
+    failed = Message(Error(code=0, reason="site crashed"), reply_to=instruction)
     replies = [failed, reply(2, states[1], num_examples=0), reply(3, states[2])]
     arrays, metrics = strategy.aggregate_train(1, replies)
     assert metrics["num-replies-accepted"] == 1
@@ -383,3 +391,27 @@ def test_array_from_numpy_is_what_flower_reads(value):
     assert ours.numpy().dtype == value.dtype
     assert (ours.dtype, ours.shape) == (Array(value).dtype, Array(value).shape)
     np.testing.assert_array_equal(array_view(ours), value)
+
+
+def test_update_far_larger_than_the_median_is_dropped(flwr_logs):
+    rng = np.random.default_rng(9)
+    g = small_model_state(rng)
+    states = client_states(g, 4, rng)
+    for key, value in states[3].items():  # node 4 sends an update ~100x the others
+        if value.dtype == np.float32 and not key.endswith(("running_mean", "running_var")):
+            states[3][key] = g[key] + 100 * (value - g[key])
+    strategy = FedLSC(personalized_ratio=0.0, max_update_norm_ratio=10.0)
+    configure(strategy, g, nodes=(1, 2, 3, 4))
+    arrays, metrics = strategy.aggregate_train(1, [reply(i + 1, s) for i, s in enumerate(states)])
+    assert metrics["num-replies-accepted"] == 3 and metrics["num-replies-dropped"] == 1
+    warning = next(r.getMessage() for r in flwr_logs.records if r.levelno == logging.WARNING)
+    assert "node 4" in warning and "x the median (limit 10 x)" in warning
+    expected, _ = reference_fedlsc(g, states[:3], 0.2, 0.0)
+    np.testing.assert_allclose(arrays["stem.weight"].numpy(), expected["stem.weight"], rtol=2e-5)
+
+    off = FedLSC(personalized_ratio=0.0)  # 0 = no norm filter (the default)
+    configure(off, g, nodes=(1, 2, 3, 4))
+    _, kept = off.aggregate_train(1, [reply(i + 1, s) for i, s in enumerate(states)])
+    assert kept["num-replies-accepted"] == 4
+    with pytest.raises(ValueError, match="max_update_norm_ratio"):
+        FedLSC(max_update_norm_ratio=-1.0)
