@@ -268,6 +268,7 @@ def average_layers(
     workspace = np.empty(n * max((layer.size for layer in layers), default=0), np.float32)
     new_state: dict[str, np.ndarray] = {}
     for layer in layers:
-        updates = update_matrix(global_state, client_states, layer, workspace) if layer.params else None
+        updates = (update_matrix(global_state, client_states, layer, workspace)
+                   if layer.params else None)
         new_state.update(weighted_sum(global_state, client_states, layer, weights, updates))
     return new_state

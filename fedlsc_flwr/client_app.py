@@ -1,0 +1,141 @@
+"""Flower ClientApp of a hospital: train on its own images, evaluate on its own held-out set.
+
+Personalized layers (named by the server's ``personalized-layers`` config entry) are
+restored from the site's own weights (``context.state``, else its disk) and never
+sent back: the reply holds exactly the keys the server sent.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.logger import log
+
+from fedlsc_flwr.config import Settings
+from fedlsc_flwr.data import CLASSES, class_weights
+from fedlsc_flwr.similarity import layer_of
+from fedlsc_flwr.site import Site, SiteIdentity
+from fedlsc_flwr.strategy import PERSONALIZED_LAYERS_KEY, PROXIMAL_MU_KEY, array_from_numpy
+from fedlsc_flwr.training import (
+    classification_metrics,
+    confusion_matrix,
+    lr_for_round,
+    resolve_device,
+    train_local,
+)
+
+app = ClientApp()
+STATE_KEY = "local-state"
+
+
+def _site(context: Context) -> Site:
+    settings = Settings.from_run_config(context.run_config)
+    identity = SiteIdentity.from_node_config(dict(context.node_config), settings, context.run_id)
+    return Site(settings, identity, resolve_device(settings.device))
+
+
+def _is_personalized(key: str, layers: set[str]) -> bool:
+    return key in layers or layer_of(key) in layers
+
+
+def _local_state(site: Site, context: Context) -> dict[str, torch.Tensor] | None:
+    if STATE_KEY in context.state.array_records:
+        return context.state.array_records[STATE_KEY].to_torch_state_dict()
+    return site.load_local_state()  # e.g. after a SuperNode restart
+
+
+def _assemble(site: Site, context: Context, arrays: ArrayRecord,
+              personalized: set[str]) -> torch.nn.Module:
+    """The site's model: global values for what the server sent, its own for the rest."""
+    model = site.new_model()
+    state = model.state_dict()
+    received = arrays.to_torch_state_dict()
+    unknown = sorted(set(received) - set(state))
+    if unknown:
+        raise ValueError(f"{site.identity.name}: the server sent keys this model lacks "
+                         f"({unknown[:5]}); do server and site use the same backbone?")
+    own_keys = [k for k in state if k not in received]
+    if own_keys:
+        local = _local_state(site, context)
+        missing = [k for k in own_keys if local is None or k not in local]
+        if missing and any(_is_personalized(k, personalized) for k in missing):
+            raise RuntimeError(f"{site.identity.name}: personalized weights for {missing[:5]} "
+                               f"are neither in memory nor in {site.local_state_path}")
+        received.update({k: local[k] for k in own_keys if local is not None and k in local})
+    model.load_state_dict(received, strict=False)
+    return model
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Local training on this site's images; reply with the shared layers only."""
+    site = _site(context)
+    config = msg.content["config"]
+    arrays = msg.content["arrays"]
+    server_round = int(config["server-round"]) + int(config.get("round-offset", 0))
+    personalized = set(config.get(PERSONALIZED_LAYERS_KEY, []))
+    mu = float(config.get(PROXIMAL_MU_KEY, 0.0))
+    site.save_personalized_list(sorted(personalized))
+
+    train_loader, _, num_train = site.loaders()
+    model = _assemble(site, context, arrays, personalized)
+    anchor = {k: v.detach().clone() for k, v in model.named_parameters() if k in arrays}
+    lr = lr_for_round(site.settings.training.lr, server_round,
+                      site.settings.training.lr_step_rounds, site.settings.training.lr_gamma)
+    torch.manual_seed(site.settings.seed * 1000 + server_round)
+    weights = (class_weights(train_loader.dataset.records)
+               if site.settings.training.class_weighted_loss else None)
+    stats = train_local(
+        model, train_loader, epochs=site.settings.training.local_epochs, lr=lr,
+        device=site.device, proximal_mu=mu, anchor=anchor, class_weights=weights,
+        max_batches=site.settings.training.max_batches_per_epoch,
+        label=f"{site.identity.name} round {server_round}")
+
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    context.state[STATE_KEY] = ArrayRecord(state)
+    site.save_local_state(state, server_round)
+    reply = ArrayRecord({k: array_from_numpy(state[k].numpy()) for k in arrays})
+    metrics = MetricRecord({
+        "num-examples": stats.examples, "train-loss": stats.loss,
+        "train-accuracy": stats.accuracy, "train-seconds": stats.seconds,
+        "images-per-second": stats.images_per_second, "proximal-term": stats.proximal,
+        "lr": lr, "train-set-size": num_train,
+    })
+    return Message(RecordDict({"arrays": reply, "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """The global model and this site's personalized model on its own held-out images."""
+    site = _site(context)
+    config = msg.content["config"]
+    server_round = int(config["server-round"]) + int(config.get("round-offset", 0))
+    arrays = msg.content["arrays"]
+    _, test_loader, _ = site.loaders()
+    num_classes = site.settings.model.num_classes
+
+    model = _assemble(site, context, arrays, set())
+    global_cm, global_loss = confusion_matrix(model, test_loader, site.device, num_classes)
+
+    personalized = set(site.load_personalized_list())
+    local = _local_state(site, context) if personalized else None
+    if local is not None:
+        own = {k: v for k, v in local.items() if _is_personalized(k, personalized)}
+        model.load_state_dict(own, strict=False)
+        personal_cm, personal_loss = confusion_matrix(model, test_loader, site.device,
+                                                      num_classes)
+    else:
+        personal_cm, personal_loss = global_cm, global_loss
+    scores = classification_metrics(personal_cm, CLASSES)
+    site.save_personal_model(model, server_round, scores)
+    log(20, "%s round %s: held-out accuracy global %.4f, personalized %.4f (%d images)",
+        site.identity.name, server_round, classification_metrics(global_cm, CLASSES)["accuracy"],
+        scores["accuracy"], int(global_cm.sum()))
+    metrics = MetricRecord({
+        "num-examples": int(global_cm.sum()),
+        "global-loss": global_loss, "personal-loss": personal_loss,
+        "global-confusion": [int(v) for v in global_cm.reshape(-1)],
+        "personal-confusion": [int(v) for v in personal_cm.reshape(-1)],
+    })
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)

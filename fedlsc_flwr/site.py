@@ -1,0 +1,153 @@
+"""One hospital's side of a run, without Flower: its data, its model, and its own disk.
+
+A site keeps its latest locally trained weights (from which its personalized layers are
+restored), the list of personalized layers, and its personalized model in its output
+folder, so a restarted SuperNode picks up where it was without asking the server.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedlsc_flwr.config import Settings, resolve_data_dir, resolve_results_dir
+from fedlsc_flwr.data import CLASSES, IMAGENET_MEAN, IMAGENET_STD, make_loader
+from fedlsc_flwr.model import build_model, prepare_for_device
+from fedlsc_flwr.partition import load_site_split
+from fedlsc_flwr.storage import atomic_torch_save, atomic_write_json, save_model
+
+logger = logging.getLogger("flwr")
+
+LOCAL_STATE_FILE = "local_state.pt"
+PERSONALIZED_LIST_FILE = "personalized_layers.json"
+PERSONAL_MODEL_FILE = "personalized_model.pt"
+
+_LOADERS: dict[tuple, tuple[Any, Any, int]] = {}  # per-process cache across rounds
+
+
+def image_cache_dir() -> Path:
+    """Decoded images at training size, shared by runs on this machine (keyed by content)."""
+    import os
+
+    return Path(os.environ.get("FEDLSC_CACHE_DIR", Path.home() / ".cache" / "fedlsc-flwr"))
+
+
+@dataclass(frozen=True)
+class SiteIdentity:
+    """Who this site is and where its files are, from the node config."""
+
+    name: str
+    partition_id: int
+    num_partitions: int
+    data_dir: Path
+    partition: str  # "dirichlet" / "site" (simulation: whole set) or "folder" (own folder)
+    output_dir: Path
+    previous_output_dir: Path | None = None  # the run resumed from, where its files are
+
+    @classmethod
+    def from_node_config(cls, node_config: dict[str, Any], settings: Settings,
+                         run_id: int) -> SiteIdentity:
+        pid = int(node_config.get("partition-id", 0))
+        own_folder = str(node_config.get("data-dir", ""))
+        partition = "folder" if own_folder else settings.partition.name
+        data_dir = resolve_data_dir(own_folder or settings.dataset.data_dir)
+        name = str(node_config.get("site-name", "") or f"site-{pid}")
+        if node_config.get("output-dir"):
+            output = Path(str(node_config["output-dir"]))
+        elif settings.site_output_dir:
+            output = Path(settings.site_output_dir) / name
+        else:
+            output = resolve_results_dir(settings.results_dir, run_id) / "sites" / name
+        num = int(node_config.get("num-partitions", settings.partition.num_partitions))
+        previous = None
+        if settings.resume_from and not node_config.get("output-dir") \
+                and not settings.site_output_dir:
+            previous = (Path(settings.resume_from) / "sites" / name).expanduser().resolve()
+        return cls(name, pid, num, data_dir, partition, output.expanduser().resolve(), previous)
+
+
+class Site:
+    """Data, model and storage of one site for one run."""
+
+    def __init__(self, settings: Settings, identity: SiteIdentity, device: torch.device) -> None:
+        self.settings = settings
+        self.identity = identity
+        self.device = device
+        identity.output_dir.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------ data
+    def loaders(self) -> tuple[Any, Any, int]:
+        """(train loader, held-out loader, number of training images), cached per process."""
+        s, ident = self.settings, self.identity
+        key = (str(ident.data_dir), ident.partition, ident.partition_id, ident.num_partitions,
+               s.partition.beta, s.seed, s.dataset.test_fraction, s.partition.min_partition_size,
+               s.dataset.image_size, s.training.batch_size, s.dataset.on_error)
+        if key not in _LOADERS:
+            train, test = load_site_split(
+                ident.data_dir, partition=ident.partition, partition_id=ident.partition_id,
+                num_partitions=ident.num_partitions, beta=s.partition.beta, seed=s.seed,
+                test_fraction=s.dataset.test_fraction,
+                min_partition_size=s.partition.min_partition_size, on_error=s.dataset.on_error)
+            cache = image_cache_dir() if s.dataset.cache else False
+            common = dict(batch_size=s.training.batch_size, num_workers=s.training.num_workers,
+                          cache=cache, seed=s.seed, on_error=s.dataset.on_error)
+            train_loader = make_loader(train, s.dataset.image_size, train=True,
+                                       balanced=s.training.balanced_sampling, **common)
+            test_loader = make_loader(test, s.dataset.image_size, train=False, **common)
+            _LOADERS[key] = (train_loader, test_loader, len(train_loader.dataset))
+        return _LOADERS[key]
+
+    # ------------------------------------------------------------------ model
+    def new_model(self) -> nn.Module:
+        torch.manual_seed(self.settings.seed)
+        model = build_model(self.settings.model.backbone,
+                            num_classes=self.settings.model.num_classes)
+        return prepare_for_device(model, self.device)
+
+    def model_info(self) -> dict[str, Any]:
+        return {"backbone": self.settings.model.backbone,
+                "image_size": self.settings.dataset.image_size,
+                "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+
+    # ------------------------------------------------------------------ disk
+    @property
+    def local_state_path(self) -> Path:
+        return self.identity.output_dir / LOCAL_STATE_FILE
+
+    def save_local_state(self, state: dict[str, torch.Tensor], server_round: int) -> None:
+        atomic_torch_save({"round": server_round, "state_dict": state}, self.local_state_path)
+
+    def _own_file(self, name: str) -> Path | None:
+        """This site's file ``name``: in its output folder, else in the run it resumes."""
+        for folder in (self.identity.output_dir, self.identity.previous_output_dir):
+            if folder is not None and (folder / name).is_file():
+                return folder / name
+        return None
+
+    def load_local_state(self) -> dict[str, torch.Tensor] | None:
+        path = self._own_file(LOCAL_STATE_FILE)
+        if path is None:
+            return None
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        logger.info("%s: restored local weights of round %s from %s", self.identity.name,
+                    blob["round"], path)
+        return blob["state_dict"]
+
+    def save_personalized_list(self, layers: list[str]) -> None:
+        atomic_write_json(self.identity.output_dir / PERSONALIZED_LIST_FILE, sorted(layers))
+
+    def load_personalized_list(self) -> list[str]:
+        path = self._own_file(PERSONALIZED_LIST_FILE)
+        return json.loads(path.read_text()) if path is not None else []
+
+    def save_personal_model(self, model: nn.Module, server_round: int,
+                            metrics: dict[str, float]) -> Path:
+        return save_model(self.identity.output_dir / PERSONAL_MODEL_FILE, model.state_dict(),
+                          **self.model_info(), class_names=list(CLASSES), round=server_round,
+                          kind="personalized", site=self.identity.name, metrics=metrics)
