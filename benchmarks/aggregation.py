@@ -106,20 +106,25 @@ def main() -> None:
     params = sum(v.size for v in global_state.values())
     print(f"model={args.model} tensors={len(global_state)} elements={params:,} "
           f"({params * 4 / 2**20:.1f} MiB float32)")
-    print(f"{'N':>4} {'FedAvg s':>10} {'FedLSC s':>10} {'ratio':>7} {'FedLSC s/client':>16}")
+    print(f"{'N':>4} {'FedAvg s':>10} {'FedLSC s':>10} {'ratio':>7} {'FedLSC s/client':>16} "
+          f"{'+norm filter s':>15} {'ratio':>7}")
     global_record = ArrayRecord({k: Array(v) for k, v in global_state.items()})
     rows = []
     for n in args.clients:
         replies = make_replies(global_state, n, rng)
         fedavg, fedlsc = FedAvg(), FedLSC(personalized_ratio=0.0)
-        list(fedlsc.configure_train(1, global_record, ConfigRecord(), _Grid(n)))
-        avg_t, lsc_t = [], []
+        filtered = FedLSC(personalized_ratio=0.0, max_update_norm_ratio=25.0)
+        for strategy in (fedlsc, filtered):
+            list(strategy.configure_train(1, global_record, ConfigRecord(), _Grid(n)))
+        avg_t, lsc_t, filt_t = [], [], []
         for _ in range(args.repeats):
             avg_t.append(time_call(partial(fedavg.aggregate_train, 1, replies)))
             lsc_t.append(time_call(partial(fedlsc.aggregate_train, 1, replies)))
-        a, b = statistics.median(avg_t), statistics.median(lsc_t)
+            filt_t.append(time_call(partial(filtered.aggregate_train, 1, replies)))
+        a, b, c = (statistics.median(t) for t in (avg_t, lsc_t, filt_t))
         rows.append((n, a, b))
-        print(f"{n:>4} {a:>10.3f} {b:>10.3f} {b / a:>7.2f} {b / n:>16.4f}", flush=True)
+        print(f"{n:>4} {a:>10.3f} {b:>10.3f} {b / a:>7.2f} {b / n:>16.4f} {c:>15.3f} "
+              f"{c / a:>7.2f}", flush=True)
         del replies
     if len(rows) > 1:
         (n0, _, t0), (n1, _, t1) = rows[0], rows[-1]

@@ -235,7 +235,8 @@ class PersonalizedFedAvg(FedAvg):
         expected = {k: self._global[k] for k in self._sent_keys}
         global_views = {k: array_view(v) for k, v in expected.items()}
         float32_sizes = [v.size for v in global_views.values() if v.dtype == np.float32]
-        scratch = np.empty(max(float32_sizes, default=0), np.float32)
+        scratch = np.empty(max(float32_sizes, default=0) if self.max_update_norm_ratio else 0,
+                           np.float32)
         accepted: list[Message] = []
         states: list[dict[str, np.ndarray]] = []
         norms: list[float] = []
@@ -301,9 +302,9 @@ class PersonalizedFedAvg(FedAvg):
             except (ValueError, TypeError) as err:
                 return f"key '{key}' cannot be read: {err}", {}, 0.0
             if np.issubdtype(value.dtype, np.floating):
-                if is_buffer(key):
+                if is_buffer(key) or not self.max_update_norm_ratio:
                     finite = _all_finite(value)
-                else:
+                else:  # the norm filter needs ||Δw||: one more pass, only when it is on
                     step = _squared_distance(value, global_views[key], scratch)
                     finite = math.isfinite(step) or bool(np.isfinite(value).all())
                     squared_norm += step
