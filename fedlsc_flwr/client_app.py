@@ -7,8 +7,9 @@ sent back: the reply holds exactly the keys the server sent.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
@@ -16,7 +17,12 @@ from fedlsc_flwr.config import Settings
 from fedlsc_flwr.data import CLASSES, class_weights
 from fedlsc_flwr.similarity import layer_of
 from fedlsc_flwr.site import Site, SiteIdentity
-from fedlsc_flwr.strategy import PERSONALIZED_LAYERS_KEY, PROXIMAL_MU_KEY, array_from_numpy
+from fedlsc_flwr.strategy import (
+    PERSONALIZED_LAYERS_KEY,
+    PROXIMAL_MU_KEY,
+    UPDATE_DTYPE_KEY,
+    array_from_numpy,
+)
 from fedlsc_flwr.training import (
     classification_metrics,
     confusion_matrix,
@@ -67,6 +73,13 @@ def _assemble(site: Site, context: Context, arrays: ArrayRecord,
     return model
 
 
+def _encode(local: np.ndarray, sent: Array, config: ConfigRecord) -> np.ndarray:
+    """What goes back for one tensor: the weights, or w_i − w_g in float16 when asked."""
+    if config.get(UPDATE_DTYPE_KEY, "float32") == "float16" and local.dtype.kind == "f":
+        return (local - sent.numpy()).astype(np.float16)
+    return local
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Local training on this site's images; reply with the shared layers only."""
@@ -95,7 +108,8 @@ def train(msg: Message, context: Context) -> Message:
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     context.state[STATE_KEY] = ArrayRecord(state)
     site.save_local_state(state, server_round)
-    reply = ArrayRecord({k: array_from_numpy(state[k].numpy()) for k in arrays})
+    reply = ArrayRecord({k: array_from_numpy(_encode(state[k].numpy(), arrays[k], config))
+                         for k in arrays})
     metrics = MetricRecord({
         "num-examples": stats.examples, "train-loss": stats.loss,
         "train-accuracy": stats.accuracy, "train-seconds": stats.seconds,

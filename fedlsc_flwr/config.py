@@ -92,6 +92,7 @@ class StrategySettings:
     proximal_mu: float
     granularity: str
     max_update_norm_ratio: float
+    update_dtype: str
 
 
 @dataclass(frozen=True)
@@ -180,6 +181,11 @@ class Settings:
              f"one of {', '.join(BACKBONES)}"),
             (self.strategy.max_update_norm_ratio >= 0, "strategy.max-update-norm-ratio",
              ">= 0 (0 = off)"),
+            (self.strategy.update_dtype in ("float32", "float16"), "strategy.update-dtype",
+             "'float32' or 'float16'"),
+            (self.strategy.update_dtype == "float32"
+             or self.strategy.name not in ("fedavg", "fedprox"), "strategy.update-dtype",
+             "'float32' with Flower's own fedavg/fedprox"),
             (self.strategy.name in STRATEGY_NAMES, "strategy.name",
              f"one of {', '.join(STRATEGY_NAMES)}"),
             (self.strategy.temperature > 0, "strategy.temperature", "a number > 0"),

@@ -65,6 +65,7 @@ def main(grid: Grid, context: Context) -> None:
         proximal_mu=settings.strategy.proximal_mu, head_layer=CLASSIFIER_LAYER,
         granularity=settings.strategy.granularity,
         max_update_norm_ratio=settings.strategy.max_update_norm_ratio,
+        update_dtype=settings.strategy.update_dtype,
         min_train_nodes=settings.min_train_nodes, min_evaluate_nodes=settings.min_train_nodes,
         min_available_nodes=settings.min_available_nodes,
         evaluate_metrics_aggr_fn=pooled_evaluate_metrics)

@@ -36,6 +36,9 @@ from fedlsc_flwr.similarity import (
 PERSONALIZED_LAYERS_KEY = "personalized-layers"
 #: ConfigRecord key of the proximal coefficient μ (the name Flower's FedProx uses).
 PROXIMAL_MU_KEY = "proximal-mu"
+#: ConfigRecord key: "float16" asks clients to reply with w_i − w_g in float16 (half the bytes).
+UPDATE_DTYPE_KEY = "update-dtype"
+UPDATE_DTYPES = ("float32", "float16")
 
 
 def array_view(array: Array) -> np.ndarray:
@@ -135,8 +138,11 @@ class PersonalizedFedAvg(FedAvg):
         granularity: str = "layer",
         *,
         max_update_norm_ratio: float = 0.0,
+        update_dtype: str = "float32",
         **fedavg_kwargs: Any,
     ) -> None:
+        if update_dtype not in UPDATE_DTYPES:
+            raise ValueError(f"update_dtype must be one of {UPDATE_DTYPES}, got {update_dtype!r}")
         if max_update_norm_ratio < 0:
             raise ValueError(
                 f"max_update_norm_ratio must be >= 0 (0 = off), got {max_update_norm_ratio}")
@@ -148,6 +154,7 @@ class PersonalizedFedAvg(FedAvg):
         self.proximal_mu = float(proximal_mu)
         self.granularity = granularity
         self.max_update_norm_ratio = float(max_update_norm_ratio)
+        self.update_dtype = update_dtype
         self.personalized_layers: frozenset[str] = frozenset(personalized_layers)
         self.last_report: RoundReport | None = None
         self._global: ArrayRecord | None = None
@@ -169,6 +176,7 @@ class PersonalizedFedAvg(FedAvg):
         self._sent_keys = [k for layer in shared for k in _keys(layer)]
         config[PROXIMAL_MU_KEY] = self.proximal_mu
         config[PERSONALIZED_LAYERS_KEY] = sorted(self.personalized_layers)
+        config[UPDATE_DTYPE_KEY] = self.update_dtype
         outgoing = (
             arrays
             if len(self._sent_keys) == len(arrays)
@@ -294,13 +302,17 @@ class PersonalizedFedAvg(FedAvg):
         squared_norm = 0.0
         for key, ref in expected.items():
             got = arrays[key]
-            if tuple(got.shape) != tuple(ref.shape) or got.dtype != ref.dtype:
+            as_delta = self.update_dtype == "float16" and np.dtype(ref.dtype).kind == "f"
+            dtype = "float16" if as_delta else ref.dtype
+            if tuple(got.shape) != tuple(ref.shape) or got.dtype != dtype:
                 return (f"key '{key}' has shape {tuple(got.shape)} {got.dtype}, "
-                        f"expected {tuple(ref.shape)} {ref.dtype}"), {}, 0.0
+                        f"expected {tuple(ref.shape)} {dtype}"), {}, 0.0
             try:
                 value = array_view(got)
             except (ValueError, TypeError) as err:
                 return f"key '{key}' cannot be read: {err}", {}, 0.0
+            if as_delta:  # w_i = w_g + Δw_i, back in the global dtype
+                value = (global_views[key] + value.astype(ref.dtype)).astype(ref.dtype)
             if np.issubdtype(value.dtype, np.floating):
                 if is_buffer(key) or not self.max_update_norm_ratio:
                     finite = _all_finite(value)
@@ -331,6 +343,10 @@ class PersonalizedFedAvg(FedAvg):
         log(INFO, "\t├──> Personalization:")
         log(INFO, "\t│\t├── Personalized layers: %s", sorted(self.personalized_layers) or "none")
         log(INFO, "\t│\t├── Granularity: %s", self.granularity)
+        log(INFO, "\t│\t├── Updates sent as: %s", "float16 deltas" if self.update_dtype ==
+            "float16" else "float32 weights")
+        log(INFO, "\t│\t├── Update norm limit: %s", f"{self.max_update_norm_ratio:g} x median"
+            if self.max_update_norm_ratio else "off")
         log(INFO, "\t│\t└── Proximal mu: %s", self.proximal_mu)
         super().summary()
 
@@ -486,6 +502,7 @@ def build_strategy(
     head_layer: str = "classifier",
     granularity: str = "layer",
     max_update_norm_ratio: float = 0.0,
+    update_dtype: str = "float32",
     **fedavg_kwargs: Any,
 ) -> FedAvg:
     """The paper's methods by name, so its table is reproduced with one switch.
@@ -496,10 +513,14 @@ def build_strategy(
     updates by norm (``max_update_norm_ratio`` applies to the other methods).
     """
     if name in ("fedavg", "fedprox"):
+        if update_dtype != "float32":
+            raise ValueError(f"update_dtype {update_dtype!r} needs one of this project's "
+                             f"strategies, not Flower's own {name!r}")
         if name == "fedavg":
             return FedAvg(**fedavg_kwargs)
         return FedProx(proximal_mu=proximal_mu, **fedavg_kwargs)
     fedavg_kwargs["max_update_norm_ratio"] = max_update_norm_ratio
+    fedavg_kwargs["update_dtype"] = update_dtype
     if name == "fedlsc":
         return FedLSC(temperature, personalized_ratio, proximal_mu, granularity, **fedavg_kwargs)
     if name == "fedlsc-per0":

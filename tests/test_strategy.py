@@ -415,3 +415,42 @@ def test_update_far_larger_than_the_median_is_dropped(flwr_logs):
     assert kept["num-replies-accepted"] == 4
     with pytest.raises(ValueError, match="max_update_norm_ratio"):
         FedLSC(max_update_norm_ratio=-1.0)
+
+
+def test_float16_deltas_halve_the_upload_and_aggregate_like_float32():
+    from fedlsc_flwr.results import message_bytes
+
+    rng = np.random.default_rng(10)
+    g = small_model_state(rng)
+    states = client_states(g, 3, rng)
+    full = FedLSC(personalized_ratio=0.0)
+    half = FedLSC(personalized_ratio=0.0, update_dtype="float16")
+    configure(full, g)
+    messages = configure(half, g)
+    assert messages[0].content["config"]["update-dtype"] == "float16"
+    deltas = [{k: (v - g[k]).astype(np.float16) if v.dtype.kind == "f" else v
+               for k, v in s.items()} for s in states]
+    replies32 = [reply(i + 1, s) for i, s in enumerate(states)]
+    replies16 = [reply(i + 1, d) for i, d in enumerate(deltas)]
+    ratio = sum(map(message_bytes, replies16)) / sum(map(message_bytes, replies32))
+    assert ratio < 0.7  # headers (~128 B per tensor) weigh a lot on this tiny model
+    big = [len(r.content["arrays"]["block.conv.weight"].data) for r in (replies16[0], replies32[0])]
+    assert 0.5 <= big[0] / big[1] < 0.55
+    a32, _ = full.aggregate_train(1, replies32)
+    a16, _ = half.aggregate_train(1, replies16)
+    for key, value in g.items():
+        got = a16[key].numpy()
+        assert got.dtype == value.dtype
+        if value.dtype.kind == "f":
+            step = np.abs(a32[key].numpy() - value).max()
+            assert np.abs(got - a32[key].numpy()).max() <= 2e-3 * step + 1e-7, key
+    # a float32 reply where float16 deltas are expected is dropped, not misread
+    _, metrics = half.aggregate_train(1, [replies32[0], *replies16[1:]])
+    assert metrics["num-replies-dropped"] == 1
+
+
+def test_float16_needs_a_strategy_of_this_project():
+    with pytest.raises(ValueError, match="update_dtype 'float16' needs"):
+        build_strategy("fedavg", update_dtype="float16")
+    with pytest.raises(ValueError, match="update_dtype"):
+        FedLSC(update_dtype="bfloat16")
