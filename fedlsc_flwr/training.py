@@ -109,11 +109,12 @@ def train_local(
             loss.backward()
             add_proximal_gradient(prox_params, prox_anchors, proximal_mu)
             optimizer.step()
-            if not math.isfinite(float(loss)):
-                raise FloatingPointError(f"{label}: training loss became {float(loss)} "
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"{label}: training loss became {loss_value} "
                                          f"at epoch {epoch}, batch {step}")
             n = labels.numel()
-            total_loss += float(loss) * n
+            total_loss += loss_value * n
             correct += int((logits.argmax(1) == labels).sum())
             seen += n
             batches += 1
