@@ -135,3 +135,18 @@ def test_group_layers_separates_params_buffers_and_counters():
     assert per_tensor == ["conv.weight", "bn.weight", "bn.bias", "head.weight"]
     with pytest.raises(ValueError, match="granularity"):
         group_layers(state, "block")
+
+
+def test_math_and_model_import_without_flower():
+    import subprocess
+    import sys
+
+    code = ("import sys, fedlsc_flwr.similarity, fedlsc_flwr.model, fedlsc_flwr.data, "
+            "fedlsc_flwr.partition, fedlsc_flwr.training; "
+            "print(any(m == 'flwr' or m.startswith('flwr.') for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    import fedlsc_flwr
+
+    assert fedlsc_flwr.res2net50_sa.__module__ == "fedlsc_flwr.model"
+    assert fedlsc_flwr.FedLSC.__name__ == "FedLSC"
