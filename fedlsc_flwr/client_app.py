@@ -96,7 +96,13 @@ def train(msg: Message, context: Context) -> Message:
     anchor = {k: v.detach().clone() for k, v in model.named_parameters() if k in arrays}
     lr = lr_for_round(site.settings.training.lr, server_round,
                       site.settings.training.lr_step_rounds, site.settings.training.lr_gamma)
-    torch.manual_seed(site.settings.seed * 1000 + server_round)
+    # Same shuffling and augmentation for this site and round whichever process runs it.
+    round_seed = site.settings.seed * 1000 + server_round
+    torch.manual_seed(round_seed)
+    for generator in {id(g): g for g in (getattr(train_loader, "generator", None),
+                                          getattr(train_loader.sampler, "generator", None))
+                      if g is not None}.values():
+        generator.manual_seed(round_seed)
     weights = (class_weights(train_loader.dataset.records)
                if site.settings.training.class_weighted_loss else None)
     stats = train_local(

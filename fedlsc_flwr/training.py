@@ -51,6 +51,7 @@ class TrainStats:
         return self.examples / self.seconds if self.seconds > 0 else 0.0
 
 
+@torch.no_grad()
 def proximal_value(params: Iterable[torch.Tensor], anchors: Iterable[torch.Tensor],
                    mu: float) -> float:
     """(μ/2)·||w − w_g||² over the given parameter/anchor pairs."""
