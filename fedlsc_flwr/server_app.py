@@ -16,7 +16,7 @@ from fedlsc_flwr.config import ConfigError, Settings, resolve_data_dir, resolve_
 from fedlsc_flwr.data import CLASSES, IMAGENET_MEAN, IMAGENET_STD
 from fedlsc_flwr.model import CLASSIFIER_LAYER, build_model
 from fedlsc_flwr.results import MeteredGrid, RunRecorder, pooled_evaluate_metrics, read_rows
-from fedlsc_flwr.storage import atomic_write_text, load_checkpoint
+from fedlsc_flwr.storage import FolderInUse, atomic_write_text, load_checkpoint, lock_folder
 from fedlsc_flwr.strategy import array_from_numpy, build_strategy
 
 app = ServerApp()
@@ -56,7 +56,11 @@ def main(grid: Grid, context: Context) -> None:
         log(ERROR, "Configuration error: %s", err)
         raise
     results_dir = resolve_results_dir(settings.results_dir, context.run_id)
-    results_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = lock_folder(results_dir)  # held until this process ends
+    except FolderInUse as err:
+        log(ERROR, "%s", err)
+        raise
     log(INFO, "Results go to %s", results_dir)
 
     strategy = build_strategy(
@@ -104,6 +108,7 @@ def main(grid: Grid, context: Context) -> None:
                    evaluate_config=ConfigRecord({"round-offset": done}),
                    evaluate_fn=recorder)
     summary = recorder.finish()
+    lock.close()
     final = summary["final"]["global"]
     log(INFO, "Finished: global model balanced accuracy %.4f, accuracy %.4f on the pooled "
         "held-out data; personalized models mean balanced accuracy %.4f. Files in %s",

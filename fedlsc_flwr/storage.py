@@ -50,6 +50,37 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 
+class FolderInUse(RuntimeError):
+    """Another live process writes to this results folder."""
+
+
+def lock_folder(folder: str | Path) -> IO[str]:
+    """Hold an exclusive lock on ``folder`` for as long as the returned file stays open.
+
+    Two runs writing one results folder would interleave their rounds; the lock makes
+    the second fail at once. The OS drops the lock when its process dies, so a killed
+    run never leaves a stale lock behind.
+    """
+    import fcntl
+
+    path = Path(folder) / ".lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")  # noqa: SIM115 - kept open to hold the lock
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "unknown"
+        handle.close()
+        raise FolderInUse(f"{folder} is in use by another run ({owner}); wait for it to end "
+                          "or stop it, or choose another results-dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
 def to_tensors(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """numpy or torch values -> CPU tensors (copies: the result owns its memory)."""
     return {k: (torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray)

@@ -45,15 +45,32 @@ def test_writer_killed_mid_write_leaves_the_previous_checkpoint(tmp_path):
 
 
 def _processes_mentioning(text: str) -> list[int]:
-    pids = []
+    """Processes whose command line names ``text``, and all their descendants."""
+    parents: dict[int, int] = {}
+    roots = []
     for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and int(proc.name) != os.getpid():
-            try:
-                if text in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode():
-                    pids.append(int(proc.name))
-            except OSError:
-                pass
-    return pids
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if text in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                roots.append(int(proc.name))
+        except (OSError, IndexError, ValueError):
+            pass
+    found = set(roots)
+    while True:
+        more = {pid for pid, parent in parents.items() if parent in found} - found
+        if not more:
+            return sorted(found)
+        found |= more
+
+
+def _kill(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 @pytest.mark.skipif(not DATA.is_dir(), reason="real HAM10000 data not found")
@@ -78,8 +95,8 @@ def test_superlink_killed_mid_run_resumes_at_the_next_round(tmp_path):
             time.sleep(0.5)
         else:
             pytest.fail("no checkpoint after 10 minutes")
-        for pid in _processes_mentioning(str(home)):  # the SuperLink and what it started
-            os.kill(pid, signal.SIGKILL)
+        # the SuperLink, the simulation running the ServerApp, and everything they started
+        _kill(_processes_mentioning(str(home)), signal.SIGKILL)
         first.kill()
         first.wait()
         killed_at = load_checkpoint(results / "checkpoint.pt")
@@ -100,5 +117,4 @@ def test_superlink_killed_mid_run_resumes_at_the_next_round(tmp_path):
         assert similarity == [1, 2, 3, 4]
     finally:
         first.kill()
-        for pid in _processes_mentioning(str(home)):
-            os.kill(pid, signal.SIGTERM)
+        _kill(_processes_mentioning(str(home)), signal.SIGTERM)

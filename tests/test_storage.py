@@ -70,3 +70,13 @@ def test_checkpoint_round_trip(tmp_path):
     np.testing.assert_array_equal(blob["arrays"]["a.weight"].numpy(), arrays["a.weight"])
     with pytest.raises(FileNotFoundError, match="no checkpoint to resume from"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_results_folder_lock_refuses_a_second_writer(tmp_path):
+    from fedlsc_flwr.storage import FolderInUse, lock_folder
+
+    first = lock_folder(tmp_path)
+    with pytest.raises(FolderInUse, match=r"in use by another run \(pid \d+\)"):
+        lock_folder(tmp_path)
+    first.close()  # as when the first run ends or dies
+    lock_folder(tmp_path).close()
