@@ -3,6 +3,7 @@
     fedlsc run [--results-dir DIR] [--run-config "key=value ..."]
     fedlsc predict --model results/x/global_model.pt --images DIR --out preds.csv
     fedlsc table results/exp-* --out table.md
+    fedlsc partitions --partition dirichlet --out label_distribution.png
 """
 
 from __future__ import annotations
@@ -182,6 +183,28 @@ def cmd_table(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------- partitions
+def cmd_partitions(args: argparse.Namespace) -> int:
+    """Plot (PNG) and print the label counts per client of a partition of the data."""
+    from fedlsc_flwr.config import resolve_data_dir
+    from fedlsc_flwr.data import CLASSES, class_counts, read_records
+    from fedlsc_flwr.partition import partition_records, plot_label_distribution, site_partition
+
+    records = read_records(resolve_data_dir(args.data_dir))
+    if args.partition == "site":
+        names, parts = site_partition(records)
+    else:
+        parts = partition_records(records, "dirichlet", args.num_partitions, beta=args.beta,
+                                  seed=args.seed, min_partition_size=args.min_partition_size)
+        names = [f"site-{i}" for i in range(len(parts))]
+    plot_label_distribution(parts, args.out, site_names=names)
+    print("site " + " ".join(f"{c:>6}" for c in CLASSES) + "  total")
+    for name, part in zip(names, parts):
+        print(f"{name} " + " ".join(f"{n:>6}" for n in class_counts(part)) + f"  {len(part)}")
+    print(f"fedlsc partitions: plot written to {args.out}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- main
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedlsc", description=__doc__.splitlines()[0])
@@ -197,6 +220,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     pred.add_argument("--images", required=True, type=Path)
     pred.add_argument("--out", required=True, type=Path)
     pred.add_argument("--batch-size", type=int, default=64)
+    parts = sub.add_parser("partitions", help="label distribution per client (PNG)")
+    parts.add_argument("--data-dir", default="")
+    parts.add_argument("--partition", choices=("dirichlet", "site"), default="dirichlet")
+    parts.add_argument("--num-partitions", type=int, default=3)
+    parts.add_argument("--beta", type=float, default=0.5)
+    parts.add_argument("--seed", type=int, default=0)
+    parts.add_argument("--min-partition-size", type=int, default=50)
+    parts.add_argument("--out", type=Path, default=Path("label_distribution.png"))
     table = sub.add_parser("table", help="mean ± std table of result folders")
     table.add_argument("results", nargs="+")
     table.add_argument("--out", type=Path)
@@ -207,6 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "predict":
             predict(args.model, args.images, args.out, args.batch_size)
             return 0
+        if args.command == "partitions":
+            return cmd_partitions(args)
         return cmd_table(args)
     except (FileNotFoundError, ValueError) as err:
         print(f"fedlsc {args.command}: error: {err}", file=sys.stderr)

@@ -82,3 +82,20 @@ def test_table_gives_mean_and_std_over_seeds(tmp_path):
                             for i in range(2)])
     assert "| fedlsc | dirichlet | 2 | 60.00 ± 14.14 | 30.00 ± 7.07 |" in table
     assert table.strip().endswith("| 2.0 |")
+
+
+def test_partitions_plot_of_the_real_sites(tmp_path, capsys):
+    from pathlib import Path
+
+    data = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "ham10000"
+    if not data.is_dir():
+        pytest.skip("real HAM10000 data not found")
+    out = tmp_path / "sites.png"
+    assert main(["partitions", "--data-dir", str(data), "--partition", "site",
+                 "--out", str(out)]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    printed = capsys.readouterr().out
+    assert "vidir_molemax" in printed and printed.count("\n") >= 5
+    totals = {line.split()[0]: int(line.split()[-1]) for line in printed.splitlines()[1:5]}
+    assert totals == {"rosendahl": 2259, "vidir_modern": 3363, "vidir_molemax": 3954,
+                      "vienna_dias": 439}
