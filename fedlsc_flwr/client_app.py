@@ -91,7 +91,8 @@ def train(msg: Message, context: Context) -> Message:
     mu = float(config.get(PROXIMAL_MU_KEY, 0.0))
     site.save_personalized_list(sorted(personalized))
 
-    train_loader, _, num_train = site.loaders()
+    train_loader = site.loader("train")
+    num_train = len(train_loader.dataset)
     model = _assemble(site, context, arrays, personalized)
     anchor = {k: v.detach().clone() for k, v in model.named_parameters() if k in arrays}
     lr = lr_for_round(site.settings.training.lr, server_round,
@@ -132,7 +133,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     server_round = int(config["server-round"]) + int(config.get("round-offset", 0))
     arrays = msg.content["arrays"]
-    _, test_loader, _ = site.loaders()
+    test_loader = site.loader("test")
     num_classes = site.settings.model.num_classes
 
     model = _assemble(site, context, arrays, set())

@@ -28,7 +28,8 @@ LOCAL_STATE_FILE = "local_state.pt"
 PERSONALIZED_LIST_FILE = "personalized_layers.json"
 PERSONAL_MODEL_FILE = "personalized_model.pt"
 
-_LOADERS: dict[tuple, tuple[Any, Any, int]] = {}  # per-process cache across rounds
+_SPLITS: dict[tuple, tuple[list, list]] = {}  # per-process caches across rounds
+_LOADERS: dict[tuple, Any] = {}
 
 
 def image_cache_dir() -> Path:
@@ -82,26 +83,29 @@ class Site:
         identity.output_dir.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ data
-    def loaders(self) -> tuple[Any, Any, int]:
-        """(train loader, held-out loader, number of training images), cached per process."""
+    def loader(self, split: str) -> Any:
+        """The "train" or "test" (held-out) loader of this site, built on first use and
+        cached per process (a deployed ClientApp process only builds what it needs)."""
         s, ident = self.settings, self.identity
         key = (str(ident.data_dir), ident.partition, ident.partition_id, ident.num_partitions,
                s.partition.beta, s.seed, s.dataset.test_fraction, s.partition.min_partition_size,
                s.dataset.image_size, s.training.batch_size, s.dataset.on_error)
-        if key not in _LOADERS:
-            train, test = load_site_split(
-                ident.data_dir, partition=ident.partition, partition_id=ident.partition_id,
-                num_partitions=ident.num_partitions, beta=s.partition.beta, seed=s.seed,
-                test_fraction=s.dataset.test_fraction,
-                min_partition_size=s.partition.min_partition_size, on_error=s.dataset.on_error)
-            cache = image_cache_dir() if s.dataset.cache else False
-            common = dict(batch_size=s.training.batch_size, num_workers=s.training.num_workers,
-                          cache=cache, seed=s.seed, on_error=s.dataset.on_error)
-            train_loader = make_loader(train, s.dataset.image_size, train=True,
-                                       balanced=s.training.balanced_sampling, **common)
-            test_loader = make_loader(test, s.dataset.image_size, train=False, **common)
-            _LOADERS[key] = (train_loader, test_loader, len(train_loader.dataset))
-        return _LOADERS[key]
+        if (key, split) not in _LOADERS:
+            if key not in _SPLITS:
+                _SPLITS[key] = load_site_split(
+                    ident.data_dir, partition=ident.partition, partition_id=ident.partition_id,
+                    num_partitions=ident.num_partitions, beta=s.partition.beta, seed=s.seed,
+                    test_fraction=s.dataset.test_fraction,
+                    min_partition_size=s.partition.min_partition_size,
+                    on_error=s.dataset.on_error)
+            records = _SPLITS[key][0 if split == "train" else 1]
+            _LOADERS[(key, split)] = make_loader(
+                records, s.dataset.image_size, train=split == "train",
+                balanced=split == "train" and s.training.balanced_sampling,
+                batch_size=s.training.batch_size, num_workers=s.training.num_workers,
+                cache=image_cache_dir() if s.dataset.cache else False, seed=s.seed,
+                on_error=s.dataset.on_error)
+        return _LOADERS[(key, split)]
 
     # ------------------------------------------------------------------ model
     def new_model(self) -> nn.Module:
