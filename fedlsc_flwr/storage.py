@@ -104,18 +104,23 @@ def save_model(path: str | Path, state_dict: Mapping[str, Any], *, backbone: str
     }, path)
 
 
-def read_model_file(path: str | Path) -> dict[str, Any]:
-    """The content of a file written by :func:`save_model`, checked."""
+def _read_checked(path: str | Path, expected_format: str, what: str) -> dict[str, Any]:
+    """A torch file this project wrote, loaded safely (weights only) and its format checked."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"model file not found: {path}")
+        raise FileNotFoundError(f"{what} not found: {path}")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt or not a torch file
-        raise ValueError(f"{path}: not a readable model file ({err})") from err
-    if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
-        raise ValueError(f"{path}: not a fedlsc model file (expected format {MODEL_FORMAT!r})")
+        raise ValueError(f"{path}: not a readable {what} ({err})") from err
+    if not isinstance(blob, dict) or blob.get("format") != expected_format:
+        raise ValueError(f"{path}: not a fedlsc {what} (expected format {expected_format!r})")
     return blob
+
+
+def read_model_file(path: str | Path) -> dict[str, Any]:
+    """The content of a file written by :func:`save_model`, checked."""
+    return _read_checked(path, MODEL_FORMAT, "model file")
 
 
 def load_model(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -146,13 +151,5 @@ def save_checkpoint(path: str | Path, *, server_round: int, arrays: Mapping[str,
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint to resume from at {path}")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{path}: checkpoint cannot be read ({err})") from err
-    if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a fedlsc checkpoint (format {CHECKPOINT_FORMAT!r})")
-    return blob
+    """The content of a file written by :func:`save_checkpoint`, checked."""
+    return _read_checked(path, CHECKPOINT_FORMAT, "checkpoint to resume from")

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
+from pathlib import Path
 
 import pytest
 
@@ -24,3 +27,37 @@ def flwr_logs(caplog):
     caplog.set_level(logging.DEBUG, logger="flwr")
     yield caplog
     logger.removeHandler(caplog.handler)
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Processes whose command line names ``text``, and all their descendants."""
+    parents: dict[int, int] = {}
+    roots = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if text in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                roots.append(int(proc.name))
+        except (OSError, IndexError, ValueError):
+            pass
+    found = set(roots)
+    while more := {pid for pid, parent in parents.items() if parent in found} - found:
+        found |= more
+    return sorted(found)
+
+
+@pytest.fixture(scope="session")
+def stop_processes():
+    """``stop(text, sig)``: signal every process (tree) whose command line names ``text``,
+    e.g. the detached local SuperLink a test's FLWR_HOME started. Never others'."""
+
+    def stop(text: str, sig: int = signal.SIGTERM) -> None:
+        for pid in processes_mentioning(text):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    return stop

@@ -7,7 +7,6 @@ Hermetic tests build tiny images in tmp_path; tests on the real set read
 from __future__ import annotations
 
 import csv
-import logging
 import os
 import random
 import zlib
@@ -59,16 +58,6 @@ def _fresh_memory_cache():
     data._memory_cache.clear()
     yield
     data._memory_cache.clear()
-
-
-@pytest.fixture
-def flwr_caplog(caplog):
-    """Capture the "flwr" logger, which Flower stops from propagating to the root."""
-    logger = logging.getLogger("flwr")
-    logger.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO, logger="flwr")
-    yield caplog
-    logger.removeHandler(caplog.handler)
 
 
 def write_image(path: Path, color: tuple[int, int, int] | None = None, size=(20, 15)) -> Path:
@@ -205,7 +194,7 @@ def test_csv_missing_column_names_it(tmp_path) -> None:
         read_ham10000(tmp_path)
 
 
-def test_unknown_dx_names_row_and_value(ham, flwr_caplog) -> None:
+def test_unknown_dx_names_row_and_value(ham, flwr_logs) -> None:
     rows = list(csv.DictReader((ham / METADATA_FILE).open()))
     rows[4]["dx"] = "melanoma"
     write_metadata(ham, rows)
@@ -214,10 +203,10 @@ def test_unknown_dx_names_row_and_value(ham, flwr_caplog) -> None:
     records = read_ham10000(ham, on_error="skip")
     assert len(records) == len(rows) - 1
     assert rows[4]["image_id"] not in {r.image_id for r in records}
-    assert "Skipped 1 of" in flwr_caplog.text and "melanoma" in flwr_caplog.text
+    assert "Skipped 1 of" in flwr_logs.text and "melanoma" in flwr_logs.text
 
 
-def test_missing_image_names_id_and_row(ham, flwr_caplog) -> None:
+def test_missing_image_names_id_and_row(ham, flwr_logs) -> None:
     records = read_ham10000(ham)
     records[2].path.unlink()
     records[7].path.unlink()
@@ -225,11 +214,11 @@ def test_missing_image_names_id_and_row(ham, flwr_caplog) -> None:
         read_ham10000(ham)
     kept = read_ham10000(ham, on_error="skip")
     assert len(kept) == len(records) - 2
-    assert f"Skipped 2 of {len(records)} rows" in flwr_caplog.text
-    assert records[2].image_id in flwr_caplog.text
+    assert f"Skipped 2 of {len(records)} rows" in flwr_logs.text
+    assert records[2].image_id in flwr_logs.text
 
 
-def test_corrupt_jpeg_detected_by_verify_and_loader(ham, flwr_caplog) -> None:
+def test_corrupt_jpeg_detected_by_verify_and_loader(ham, flwr_logs) -> None:
     records = read_ham10000(ham)
     bad = records[3].path
     bad.write_bytes(bad.read_bytes()[:60])  # truncated: the header parses, decoding fails
@@ -239,7 +228,7 @@ def test_corrupt_jpeg_detected_by_verify_and_loader(ham, flwr_caplog) -> None:
     with pytest.raises(DataError, match=f"cannot decode image {bad}"):
         verify_images(records)
     assert len(verify_images(records, on_error="skip")) == len(records) - 1
-    assert "Skipped 1 of" in flwr_caplog.text and bad.name in flwr_caplog.text
+    assert "Skipped 1 of" in flwr_logs.text and bad.name in flwr_logs.text
     with pytest.raises(DataError, match=bad.name):
         make_loader(records, 16, train=False)
     loader = make_loader(records, 16, train=False, on_error="skip")
@@ -253,7 +242,7 @@ def test_garbage_file_is_a_decode_error(tmp_path) -> None:
         data.load_image(path, 8)
 
 
-def test_read_image_folder(tmp_path, flwr_caplog) -> None:
+def test_read_image_folder(tmp_path, flwr_logs) -> None:
     for name, n in (("mel", 2), ("nv", 3), ("BCC", 1)):
         for i in range(n):
             write_image(tmp_path / name / f"{name}_{i}.jpg")
@@ -265,7 +254,7 @@ def test_read_image_folder(tmp_path, flwr_caplog) -> None:
     with pytest.raises(DataError, match="melanoma: folder name is not a class"):
         read_image_folder(tmp_path)
     assert read_image_folder(tmp_path, on_error="skip") == records
-    assert "melanoma" in flwr_caplog.text
+    assert "melanoma" in flwr_logs.text
 
 
 def test_missing_image_folder(tmp_path) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -44,37 +43,8 @@ def test_writer_killed_mid_write_leaves_the_previous_checkpoint(tmp_path):
     assert all(name.endswith(".tmp") for name in leftovers)  # never mistaken for a checkpoint
 
 
-def _processes_mentioning(text: str) -> list[int]:
-    """Processes whose command line names ``text``, and all their descendants."""
-    parents: dict[int, int] = {}
-    roots = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            if text in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode():
-                roots.append(int(proc.name))
-        except (OSError, IndexError, ValueError):
-            pass
-    found = set(roots)
-    while True:
-        more = {pid for pid, parent in parents.items() if parent in found} - found
-        if not more:
-            return sorted(found)
-        found |= more
-
-
-def _kill(pids: list[int], sig: int) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
-
 @pytest.mark.skipif(not DATA.is_dir(), reason="real HAM10000 data not found")
-def test_superlink_killed_mid_run_resumes_at_the_next_round(tmp_path):
+def test_superlink_killed_mid_run_resumes_at_the_next_round(tmp_path, stop_processes):
     home = tmp_path / "flwr-home"
     env = {**flower_env(), "FLWR_HOME": str(home), "FEDLSC_CACHE_DIR": str(tmp_path / "cache")}
     results = tmp_path / "results"
@@ -96,7 +66,7 @@ def test_superlink_killed_mid_run_resumes_at_the_next_round(tmp_path):
         else:
             pytest.fail("no checkpoint after 10 minutes")
         # the SuperLink, the simulation running the ServerApp, and everything they started
-        _kill(_processes_mentioning(str(home)), signal.SIGKILL)
+        stop_processes(str(home), signal.SIGKILL)
         first.kill()
         first.wait()
         killed_at = load_checkpoint(results / "checkpoint.pt")
@@ -117,4 +87,4 @@ def test_superlink_killed_mid_run_resumes_at_the_next_round(tmp_path):
         assert similarity == [1, 2, 3, 4]
     finally:
         first.kill()
-        _kill(_processes_mentioning(str(home)), signal.SIGTERM)
+        stop_processes(str(home))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 from pathlib import Path
 
@@ -30,24 +29,8 @@ COMMON = {
 }
 
 
-def kill_processes_mentioning(text: str) -> None:
-    """Stop processes (e.g. the detached local SuperLink) whose command line names ``text``."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if text in cmdline and int(proc.name) != os.getpid():
-            try:
-                os.kill(int(proc.name), signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-
-
 @pytest.fixture(scope="module")
-def flower(tmp_path_factory):
+def flower(tmp_path_factory, stop_processes):
     home = tmp_path_factory.mktemp("flwr-home")
     env = {**flower_env(), "FLWR_HOME": str(home),
            "FEDLSC_CACHE_DIR": str(tmp_path_factory.mktemp("cache"))}
@@ -68,7 +51,7 @@ def flower(tmp_path_factory):
         return proc
 
     yield run
-    kill_processes_mentioning(str(home))
+    stop_processes(str(home))
 
 
 @pytest.fixture(scope="module")

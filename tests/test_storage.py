@@ -68,7 +68,7 @@ def test_checkpoint_round_trip(tmp_path):
     blob = load_checkpoint(tmp_path / "c.pt")
     assert blob["round"] == 7 and blob["strategy_state"]["personalized_layers"] == ["a"]
     np.testing.assert_array_equal(blob["arrays"]["a.weight"].numpy(), arrays["a.weight"])
-    with pytest.raises(FileNotFoundError, match="no checkpoint to resume from"):
+    with pytest.raises(FileNotFoundError, match="checkpoint to resume from not found"):
         load_checkpoint(tmp_path / "missing.pt")
 
 

@@ -34,7 +34,8 @@ def test_proximal_gradient_equals_autograd_of_squared_norm():
     (model(x).pow(2).sum() + mu / 2 * prox).backward()
     for got, expected in zip(ours, [p.grad for p in model.parameters()]):
         torch.testing.assert_close(got, expected)
-    assert proximal_value(model.parameters(), anchor, mu) == pytest.approx(mu / 2 * float(prox.detach()))
+    expected = mu / 2 * float(prox.detach())
+    assert proximal_value(model.parameters(), anchor, mu) == pytest.approx(expected)
 
 
 def _toy_loader(n=64, seed=0):
