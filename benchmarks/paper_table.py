@@ -298,7 +298,7 @@ def paper_bytes_lines(num_clients: int = 3) -> list[str]:
         f"| fedavg, fedprox, fedlsc-per0, and every method in round 1 | {both * total / mb:.1f} |",
         f"| fedavg-fc, fedprox-fc (classifier stays local) | {both * (total - head) / mb:.1f} |",
         f"| fedlsc (Per = 1 %: stage-1-chosen layers stay local) | ≤ {both * total / mb:.1f} "
-        f"(less the chosen layers; measured rows above show the small model's) |",
+        f"(less the chosen layers; the measured tables below show the small model's) |",
         "| local-only | round 1 downlink only, then 0 |",
         f"| float16 updates (strategy.update_dtype=float16, fedlsc family) | "
         f"{num_clients * total / mb + num_clients * total / 2 / mb:.1f} |",
