@@ -104,10 +104,12 @@ class LoopbackFederation:
     """SuperLink and SuperNodes as real processes on 127.0.0.1; a context manager."""
 
     def __init__(self, work: Path, sites: Sequence[Site], *, tls: bool = True,
-                 auth: bool = True, project: Path | None = None) -> None:
+                 auth: bool = True, project: Path | None = None,
+                 database: Path | None = None) -> None:
         self.work = work.resolve()
         self.sites = list(sites)
         self.tls, self.auth = tls, auth
+        self.database = database  # None: Flower's in-memory state (nothing to lock on disk)
         self.project = project or project_root() or Path.cwd()
         self.port = free_port()
         self.env = {**flower_env(), "FLWR_HOME": str(self.work / "flwr-home")}
@@ -169,8 +171,10 @@ class LoopbackFederation:
         (self.work / "logs").mkdir(parents=True, exist_ok=True)
         home = Path(self.env["FLWR_HOME"])
         home.mkdir(parents=True, exist_ok=True)
-        link = ["--database", str(self.work / "superlink.db"), "--host", "127.0.0.1",
-                "--port", str(self.port), "--disable-runtime-dependency-installation"]
+        link = ["--host", "127.0.0.1", "--port", str(self.port),
+                "--disable-runtime-dependency-installation"]
+        if self.database is not None:
+            link += ["--database", str(self.database)]
         if self.tls:
             self.certs = make_certificates(self.work / "certs")
             link += ["--ssl-ca-certfile", str(self.certs["ca"]),
