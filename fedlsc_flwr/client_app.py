@@ -17,6 +17,7 @@ from fedlsc_flwr.config import Settings
 from fedlsc_flwr.data import CLASSES, class_weights
 from fedlsc_flwr.similarity import layer_of
 from fedlsc_flwr.site import Site, SiteIdentity
+from fedlsc_flwr.site_tracking import SITE_RECORD_KEY, site_record
 from fedlsc_flwr.strategy import (
     PERSONALIZED_LAYERS_KEY,
     PROXIMAL_MU_KEY,
@@ -123,7 +124,8 @@ def train(msg: Message, context: Context) -> Message:
         "images-per-second": stats.images_per_second, "proximal-term": stats.proximal,
         "lr": lr, "train-set-size": num_train,
     })
-    return Message(RecordDict({"arrays": reply, "metrics": metrics}), reply_to=msg)
+    return Message(RecordDict({"arrays": reply, "metrics": metrics,
+                               SITE_RECORD_KEY: site_record(site.identity.name)}), reply_to=msg)
 
 
 @app.evaluate()
@@ -159,4 +161,5 @@ def evaluate(msg: Message, context: Context) -> Message:
         "global-confusion": [int(v) for v in global_cm.reshape(-1)],
         "personal-confusion": [int(v) for v in personal_cm.reshape(-1)],
     })
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    return Message(RecordDict({"metrics": metrics,
+                               SITE_RECORD_KEY: site_record(site.identity.name)}), reply_to=msg)

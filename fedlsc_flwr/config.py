@@ -150,6 +150,8 @@ class Settings:
     target_accuracies: str
     min_available_nodes: int
     min_train_nodes: int
+    min_train_replies: int
+    round_timeout: int
     wait_for_sites_seconds: int
     device: str
 
@@ -209,6 +211,9 @@ class Settings:
             (self.min_train_nodes >= 1, "min-train-nodes", "at least 1"),
             (self.min_available_nodes >= self.min_train_nodes, "min-available-nodes",
              f"at least min-train-nodes ({self.min_train_nodes})"),
+            (1 <= self.min_train_replies <= self.min_train_nodes, "min-train-replies",
+             f"between 1 and min-train-nodes ({self.min_train_nodes})"),
+            (self.round_timeout >= 1, "round-timeout", "at least 1 (seconds)"),
             (self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"), "device",
              "'auto', 'cpu', 'cuda' or 'cuda:N'"),
         ]

@@ -307,7 +307,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sites = site_folders(resolve_data_dir(args.data_dir), work, args.partition, args.sites)
     config = to_run_config(compose([f"num_server_rounds={args.rounds}",
                                     f"min_available_nodes={args.sites}",
-                                    f"min_train_nodes={args.sites}", *args.overrides]))
+                                    f"min_train_nodes={args.sites}",
+                                    f"min_train_replies={min(2, args.sites)}", *args.overrides]))
     config["results-dir"] = str(work / "results")
     with LoopbackFederation(work, sites, tls=not args.no_tls, auth=not args.no_auth) as fed:
         print(f"SuperLink on 127.0.0.1:{fed.port}, {len(sites)} SuperNodes; logs in "

@@ -193,6 +193,9 @@ class RunRecorder:
             "global": group("global-"),
             "personalized": group("personal-"),
             "sites-evaluated": int(evaluate.get("num-sites", 0)) or None,
+            # sites that failed this round: [{"site", "node", "reason"}] per phase
+            "failures": {phase: list(found) for phase, found in
+                         (getattr(self.strategy, "failures", None) or {}).items()},
             "similarity": similarity,
             "bytes": self.grid.take_traffic(),
             "seconds": round(time.perf_counter() - self._round_start, 2),

@@ -72,6 +72,7 @@ def main(grid: Grid, context: Context) -> None:
         update_dtype=settings.strategy.update_dtype,
         min_train_nodes=settings.min_train_nodes, min_evaluate_nodes=settings.min_train_nodes,
         min_available_nodes=settings.min_available_nodes,
+        min_train_replies=settings.min_train_replies,
         evaluate_metrics_aggr_fn=pooled_evaluate_metrics)
 
     done, rows = 0, []
@@ -104,6 +105,7 @@ def main(grid: Grid, context: Context) -> None:
                     "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
         class_names=list(CLASSES), targets=settings.targets, previous_rows=rows)
     strategy.start(grid=metered, initial_arrays=arrays, num_rounds=remaining,
+                   timeout=float(settings.round_timeout),
                    train_config=ConfigRecord({"round-offset": done}),
                    evaluate_config=ConfigRecord({"round-offset": done}),
                    evaluate_fn=recorder)

@@ -13,7 +13,7 @@ import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from logging import DEBUG, INFO, WARNING
+from logging import DEBUG, INFO
 from typing import Any
 
 import numpy as np
@@ -31,6 +31,7 @@ from fedlsc_flwr.similarity import (
     is_buffer,
     select_personalized,
 )
+from fedlsc_flwr.site_tracking import SiteTracking
 
 #: ConfigRecord key that tells clients which layers stay on the site.
 PERSONALIZED_LAYERS_KEY = "personalized-layers"
@@ -121,14 +122,15 @@ class RoundReport:
         }
 
 
-class PersonalizedFedAvg(FedAvg):
+class PersonalizedFedAvg(SiteTracking, FedAvg):
     """FedAvg whose ``personalized_layers`` never leave the sites.
 
     Replies that are errors, lack or add keys, have the wrong shape or dtype, hold
     NaN/Inf, or carry no positive example count are dropped with a WARNING naming
-    the node and the key; the round goes on with the rest. The returned ArrayRecord
-    holds every key of the global model: personalized layers keep their last global
-    value.
+    the site and the key; the round goes on with the rest, as long as at least
+    ``min_train_replies`` replies are usable (else the global model is kept). The
+    returned ArrayRecord holds every key of the global model: personalized layers keep
+    their last global value.
     """
 
     def __init__(
@@ -191,12 +193,12 @@ class PersonalizedFedAvg(FedAvg):
         """Aggregate the shared layers of the valid replies; keep the rest."""
         if self._global is None:
             raise RuntimeError("aggregate_train called before configure_train")
-        replies = list(replies)
+        replies = self._received("train", server_round, replies)
         accepted, states = self._accepted_replies(server_round, replies)
         dropped = len(replies) - len(accepted)
-        if not accepted:
-            log(WARNING, "Round %s: no valid reply, the global model is kept", server_round)
-            return None, None
+        if self._too_few(server_round, len(accepted)):
+            return None, MetricRecord({"num-replies-accepted": len(accepted),
+                                       "num-replies-dropped": dropped})
 
         global_state = {k: array_view(self._global[k]) for k in self._global}
         shared = [
@@ -250,14 +252,11 @@ class PersonalizedFedAvg(FedAvg):
         norms: list[float] = []
         for msg in replies:
             node = msg.metadata.src_node_id
-            if msg.has_error():
-                log(WARNING, "Round %s: node %s replied with an error: %s",
-                    server_round, node, msg.error.reason)
+            if msg.has_error():  # logged with the site's name by SiteTracking
                 continue
             problem, state, norm = self._check_reply(msg, expected, global_views, scratch)
             if problem:
-                log(WARNING, "Round %s: dropped the reply of node %s: %s",
-                    server_round, node, problem)
+                self._failed("train", server_round, node, f"dropped the reply: {problem}")
                 continue
             accepted.append(msg)
             states.append(state)
@@ -266,10 +265,10 @@ class PersonalizedFedAvg(FedAvg):
             limit = self.max_update_norm_ratio * float(np.median(norms))
             keep = [i for i, norm in enumerate(norms) if norm <= limit]
             for i in sorted(set(range(len(accepted))) - set(keep)):
-                log(WARNING, "Round %s: dropped the reply of node %s: update norm %.4g is "
-                    "%.1f x the median (limit %g x)", server_round,
-                    accepted[i].metadata.src_node_id, norms[i],
-                    norms[i] / max(float(np.median(norms)), 1e-30), self.max_update_norm_ratio)
+                ratio = norms[i] / max(float(np.median(norms)), 1e-30)
+                self._failed("train", server_round, accepted[i].metadata.src_node_id,
+                             f"dropped the reply: update norm {norms[i]:.4g} is {ratio:.1f} x "
+                             f"the median (limit {self.max_update_norm_ratio:g} x)")
             accepted, states = [accepted[i] for i in keep], [states[i] for i in keep]
         log(INFO, "aggregate_train: %s replies accepted, %s dropped",
             len(accepted), len(replies) - len(accepted))
@@ -489,6 +488,17 @@ def _all_finite(value: np.ndarray) -> bool:
 
 
 # ---------------------------------------------------------------------- registry
+class SiteAwareFedAvg(SiteTracking, FedAvg):
+    """Flower's own FedAvg (same aggregation) that names failed sites and honours
+    ``min_train_replies``."""
+
+
+class SiteAwareFedProx(SiteTracking, FedProx):
+    """Flower's own FedProx (same aggregation) that names failed sites and honours
+    ``min_train_replies``."""
+
+
+
 STRATEGY_NAMES = (
     "fedlsc", "fedlsc-per0", "fedavg", "fedprox", "fedavg-fc", "fedprox-fc", "local-only")
 
@@ -509,7 +519,8 @@ def build_strategy(
 
     ``fedavg-fc`` / ``fedprox-fc`` keep ``head_layer`` on the sites; ``fedlsc-per0``
     is FedLSC with Per = 0 (no personalized layer); ``local-only`` shares nothing
-    after handing out the initial model. Flower's own FedAvg/FedProx do not filter
+    after handing out the initial model. ``fedavg``/``fedprox`` aggregate exactly as
+    Flower's own FedAvg/FedProx (subclassed only to name failed sites) and do not filter
     updates by norm (``max_update_norm_ratio`` applies to the other methods).
     """
     if name in ("fedavg", "fedprox"):
@@ -517,8 +528,8 @@ def build_strategy(
             raise ValueError(f"update_dtype {update_dtype!r} needs one of this project's "
                              f"strategies, not Flower's own {name!r}")
         if name == "fedavg":
-            return FedAvg(**fedavg_kwargs)
-        return FedProx(proximal_mu=proximal_mu, **fedavg_kwargs)
+            return SiteAwareFedAvg(**fedavg_kwargs)
+        return SiteAwareFedProx(proximal_mu=proximal_mu, **fedavg_kwargs)
     fedavg_kwargs["max_update_norm_ratio"] = max_update_norm_ratio
     fedavg_kwargs["update_dtype"] = update_dtype
     if name == "fedlsc":

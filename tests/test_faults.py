@@ -39,6 +39,9 @@ def test_missing_data_folder_is_named(tmp_path):
     ("strategy.name", "fedsgd", "'strategy.name' = 'fedsgd'"),
     ("strategy.temperature", -1.0, "'strategy.temperature' = -1.0"),
     ("strategy.personalized-ratio", 1.5, "'strategy.personalized-ratio' = 1.5"),
+    ("min-train-replies", 4, "'min-train-replies' = 4: must be between 1 and min-train-nodes (3)"),
+    ("min-train-replies", 0, "'min-train-replies' = 0: must be between 1"),
+    ("round-timeout", 0, "'round-timeout' = 0: must be at least 1 (seconds)"),
 ])
 def test_bad_settings_fail_at_start_up(key, value, words):
     flat = to_run_config(compose())

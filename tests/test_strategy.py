@@ -18,7 +18,13 @@ from flwr.app import (
 from flwr.serverapp.strategy import FedAvg, FedProx
 
 from fedlsc_flwr import FedLSC, PersonalizedFedAvg, build_strategy
-from fedlsc_flwr.strategy import PERSONALIZED_LAYERS_KEY, PROXIMAL_MU_KEY, array_view
+from fedlsc_flwr.strategy import (
+    PERSONALIZED_LAYERS_KEY,
+    PROXIMAL_MU_KEY,
+    SiteAwareFedAvg,
+    SiteAwareFedProx,
+    array_view,
+)
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -253,7 +259,9 @@ def test_no_valid_reply_keeps_previous_model():
         s["stem.weight"][0, 0, 0, 0] = np.nan
     strategy = FedLSC()
     configure(strategy, g)
-    assert strategy.aggregate_train(1, [reply(1, bad[0]), reply(2, bad[1])]) == (None, None)
+    arrays, metrics = strategy.aggregate_train(1, [reply(1, bad[0]), reply(2, bad[1])])
+    assert arrays is None  # Flower keeps the previous global model
+    assert (metrics["num-replies-accepted"], metrics["num-replies-dropped"]) == (0, 2)
     assert strategy.personalized_layers == frozenset()
     assert strategy.stage1_round is None  # stage 1 is the first round that aggregates
 
@@ -362,12 +370,16 @@ def test_fedavg_fc_keeps_head_local_and_averages_the_rest_like_fedavg():
 
 
 @pytest.mark.parametrize("name, cls, mu", [
-    ("fedavg", FedAvg, None), ("fedprox", FedProx, 0.01), ("fedprox-fc", PersonalizedFedAvg, 0.01),
+    ("fedavg", SiteAwareFedAvg, None), ("fedprox", SiteAwareFedProx, 0.01),
+    ("fedprox-fc", PersonalizedFedAvg, 0.01),
     ("fedavg-fc", PersonalizedFedAvg, 0.0), ("fedlsc", FedLSC, 0.01),
 ])
 def test_build_strategy_by_name(name, cls, mu):
     strategy = build_strategy(name, proximal_mu=0.01)
     assert type(strategy) is cls
+    if name in ("fedavg", "fedprox"):  # Flower's own aggregation, not a re-implementation
+        flower = FedAvg if name == "fedavg" else FedProx
+        assert isinstance(strategy, flower) and "aggregate_train" not in vars(cls)
     if mu is not None:
         assert strategy.proximal_mu == mu
 
