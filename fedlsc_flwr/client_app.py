@@ -94,6 +94,8 @@ def train(msg: Message, context: Context) -> Message:
 
     train_loader = site.loader("train")
     num_train = len(train_loader.dataset)
+    log(20, "%s round %s: training on %d images, %d personalized layer(s) kept on this site",
+        site.identity.name, server_round, num_train, len(personalized))
     model = _assemble(site, context, arrays, personalized)
     anchor = {k: v.detach().clone() for k, v in model.named_parameters() if k in arrays}
     lr = lr_for_round(site.settings.training.lr, server_round,

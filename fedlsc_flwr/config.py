@@ -229,15 +229,19 @@ class Settings:
 
 
 def project_root() -> Path | None:
-    """The source checkout this package was installed from (editable installs), if any.
+    """The source checkout to run: $FEDLSC_PROJECT_DIR, else the one this package was
+    installed from (editable installs), if any.
 
     Flower runs apps from a copy under FLWR_HOME, so ``__file__`` does not say where the
     checkout is; pip's ``direct_url.json`` does.
     """
     import importlib.metadata
     import json
+    import os
     from urllib.parse import unquote, urlparse
 
+    if os.environ.get("FEDLSC_PROJECT_DIR"):  # another checkout than the installed one
+        return Path(os.environ["FEDLSC_PROJECT_DIR"]).resolve()
     try:
         text = importlib.metadata.distribution("fedlsc-flwr").read_text("direct_url.json")
     except importlib.metadata.PackageNotFoundError:

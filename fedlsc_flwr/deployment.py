@@ -118,8 +118,9 @@ class LoopbackFederation:
         self.federation = "loopback"
 
     # ------------------------------------------------------------------ processes
-    def _start(self, name: str, command: list[str]) -> subprocess.Popen:
-        log = open(self.work / "logs" / f"{name}.log", "wb")  # noqa: SIM115
+    def _start(self, name: str, command: list[str],
+               log_name: str | None = None) -> subprocess.Popen:
+        log = open(self.work / "logs" / f"{log_name or name}.log", "wb")  # noqa: SIM115
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                 cwd=self.work, start_new_session=True)
         log.close()
@@ -215,8 +216,9 @@ class LoopbackFederation:
             raise DeploymentError(f"registering {name} failed: {done.stdout}{done.stderr}")
 
     def start_site(self, index: int, site: Site, *, register: bool = True,
-                   name: str | None = None) -> subprocess.Popen:
-        """One hospital's SuperNode, reading only ``site.data_dir``."""
+                   name: str | None = None, log_name: str | None = None) -> subprocess.Popen:
+        """One hospital's SuperNode, reading only ``site.data_dir``; its log goes to
+        ``logs/<log_name or name>.log``."""
         name = name or site.name
         site.output_dir.mkdir(parents=True, exist_ok=True)
         node_config = (f"partition-id={index} num-partitions={len(self.sites)} "
@@ -231,11 +233,22 @@ class LoopbackFederation:
             if register:
                 self.register(key, name)
             command += ["--auth-supernode-private-key", str(key)]
-        return self._start(name, command)
+        return self._start(name, command, log_name)
+
+    def restart_site(self, index: int, log_name: str) -> subprocess.Popen:
+        """Start site ``index`` again (after a crash): same key and node config, so the
+        SuperLink knows it as before; a fresh process with nothing in memory."""
+        site = self.sites[index]
+        self.stop(site.name, signal.SIGKILL)
+        return self.start_site(index, site, register=False, log_name=log_name)
 
     # ------------------------------------------------------------------ runs
     def run(self, run_config: Mapping[str, Any], timeout: float = 1200) -> dict[str, Any]:
         """Submit the app, follow it until it ends; returns ``flwr ls`` facts of the run."""
+        return self.wait(self.submit(run_config), timeout)
+
+    def submit(self, run_config: Mapping[str, Any]) -> int:
+        """Start a run of the app with this run config; returns its run id."""
         toml_file = self.work / "run_config.toml"
         section = pyproject_section(from_run_config(run_config))
         toml_file.write_text(section.replace("[tool.flwr.app.config]\n", "")
@@ -244,15 +257,22 @@ class LoopbackFederation:
                               str(toml_file), "--format", "json", timeout=300)
         if submitted.returncode != 0:
             raise DeploymentError(f"flwr run failed: {submitted.stdout}{submitted.stderr}")
-        run_id = int(json.loads(submitted.stdout)["run-id"])
+        return int(json.loads(submitted.stdout)["run-id"])
+
+    def server_log(self, run_id: int) -> str:
+        """What the ServerApp of this run has logged so far."""
+        logs = self.flwr("log", str(run_id), self.federation, "--show", timeout=60)
+        return logs.stdout + logs.stderr
+
+    def wait(self, run_id: int, timeout: float = 1200) -> dict[str, Any]:
+        """Follow a run until it ends (its ServerApp log is saved under logs/)."""
         start = time.monotonic()
         while time.monotonic() - start < timeout:
             self._check_alive()
             status = self.status(run_id)
             if status.startswith("finished"):
-                logs = self.flwr("log", str(run_id), self.federation, "--show", timeout=60)
                 (self.work / "logs" / f"serverapp-{run_id}.log").write_text(
-                    logs.stdout + logs.stderr)
+                    self.server_log(run_id))
                 return {"run-id": run_id, "status": status,
                         "seconds": round(time.monotonic() - start, 1)}
             time.sleep(2)

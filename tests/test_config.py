@@ -84,3 +84,12 @@ def test_ints_are_accepted_for_floats():
     flat = to_run_config(compose())
     flat["strategy.temperature"] = 2
     assert Settings.from_run_config(flat).strategy.temperature == 2.0
+
+
+def test_project_dir_can_point_at_another_checkout(tmp_path, monkeypatch):
+    from fedlsc_flwr.config import project_root
+
+    monkeypatch.setenv("FEDLSC_PROJECT_DIR", str(tmp_path))
+    assert project_root() == tmp_path.resolve()
+    monkeypatch.delenv("FEDLSC_PROJECT_DIR")
+    assert project_root() != tmp_path.resolve()

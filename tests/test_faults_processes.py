@@ -88,3 +88,73 @@ def test_superlink_killed_mid_run_resumes_at_the_next_round(tmp_path, stop_proce
     finally:
         first.kill()
         stop_processes(str(home))
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason="real HAM10000 data not found")
+def test_supernode_killed_mid_round_round_goes_on_and_site_rejoins_from_its_disk(tmp_path):
+    """A hospital's SuperNode is SIGKILLed while it trains round 2 (TLS + node auth, real
+    processes). Round 2 is aggregated from the two others and the server names the dead
+    site; the site is restarted with the same key, rejoins, restores its personalized
+    layers from its own disk and trains round 3."""
+    from fedlsc_flwr.config import compose, to_run_config
+    from fedlsc_flwr.deployment import LoopbackFederation, site_folders
+    from fedlsc_flwr.storage import read_model_file
+
+    sites = site_folders(DATA, tmp_path, "dirichlet", 3)
+    victim_index, victim = 2, sites[2]
+    config = to_run_config(compose([
+        "num_server_rounds=3", "dataset.image_size=32", "training.batch_size=16",
+        # enough local work (~400 images) that the kill lands inside training
+        "training.max_batches_per_epoch=25", "strategy.personalized_ratio=0.1",
+        # rounds wait for all 3 sites to be connected, and aggregate from 2 or more
+        "min_available_nodes=3", "min_train_nodes=2", "min_train_replies=2",
+        "round_timeout=900"]))
+    config["results-dir"] = str(tmp_path / "results")
+    metrics = tmp_path / "results" / "metrics.jsonl"
+    with LoopbackFederation(tmp_path, sites, tls=True, auth=True) as federation:
+        run_id = federation.submit(config)
+        marker = f"{victim.name} round 2: training on"
+        deadline = time.monotonic() + 900
+        while marker not in federation.log_tail(victim.name, 400):
+            assert time.monotonic() < deadline, "round 2 never started at the victim site"
+            time.sleep(0.1)
+        federation.stop(victim.name, signal.SIGKILL)  # the SuperNode and its ClientApp
+        killed_after = [json.loads(line)["round"] for line in metrics.read_text().splitlines()]
+
+        # the SuperLink misses the node's heartbeats (Flower: 2 x 30 s), answers for it
+        # with an error, and the ServerApp names the site in its log
+        deadline = time.monotonic() + 300
+        named = f"site '{victim.name}'"
+        while named not in (server_log := federation.server_log(run_id)):
+            assert time.monotonic() < deadline, server_log[-3000:]
+            time.sleep(5)
+        federation.restart_site(victim_index, log_name=f"{victim.name}-restarted")
+        outcome = federation.wait(run_id, timeout=1500)
+        restarted_log = federation.log_tail(f"{victim.name}-restarted", 2000)
+        server_log = federation.server_log(run_id)
+
+    assert killed_after == [1], "the kill did not land in round 2"
+    assert outcome["status"] == "finished:completed", outcome
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    first, second, third = rows
+    assert first["train"]["num-replies-accepted"] == 3
+    # round 2 went on with the two others; the failure is recorded with the site's name
+    assert second["train"]["num-replies-accepted"] == 2
+    assert [f["site"] for f in second["failures"]["train"]] == [victim.name]
+    assert any(f"Round 2 (train): site '{victim.name}' (node " in line and "failed" in line
+               for line in server_log.splitlines()), server_log[-3000:]
+    # it came back (round 2's evaluation waited for 3 connected sites), trained and
+    # evaluated in round 3
+    assert second["failures"]["evaluate"] == []
+    assert third["train"]["num-replies-accepted"] == 3 and third["failures"]["train"] == []
+    assert third["sites-evaluated"] == 3
+    assert f"{victim.name} round 3: held-out accuracy" in restarted_log
+    # with nothing in memory, it took its personalized layers from its own disk (the
+    # server never sends them after stage 1: round 3's replies hold what was sent)
+    own_file = victim.output_dir.resolve() / "local_state.pt"
+    assert f"{victim.name}: restored local weights of round 1 from {own_file}" in restarted_log
+    assert f"{victim.name} round 3: training on" in restarted_log
+    assert third["bytes"]["train-received"] == third["bytes"]["train-sent"]
+    assert third["bytes"]["train-sent"] < first["bytes"]["train-sent"]
+    assert read_model_file(victim.output_dir / "personalized_model.pt")["info"]["round"] == 3
