@@ -33,7 +33,15 @@ from typing import Any
 
 import numpy as np
 
-METHODS = ("local-only", "fedavg", "fedprox", "fedavg-fc", "fedprox-fc", "fedlsc-per0", "fedlsc")
+METHODS = ("local-only", "fedavg", "fedprox", "fedavg-fc", "fedprox-fc", "fedlsc-per0", "fedlsc",
+           "fedlsc-fp16")
+#: Methods that are a strategy plus settings; every other method is ``strategy=<method>``.
+VARIANTS: dict[str, list[str]] = {
+    # FedLSC with sites sending w_i − w_g in float16: half the upload; is it as accurate?
+    "fedlsc-fp16": ["strategy=fedlsc", "strategy.update_dtype=float16"],
+}
+#: Paired comparisons in the report: (a, b) reads "a − b".
+PAIRS = (("fedlsc", "fedavg"), ("fedlsc-fp16", "fedlsc"))
 SPLITS = ("dirichlet", "site")
 PRESETS: dict[str, list[str]] = {
     # What the CPU preset cuts from the paper: 32 px instead of 224, ResNet-10t-SA instead of
@@ -126,8 +134,8 @@ def plan(methods: Sequence[str], splits: Sequence[str], seeds: Sequence[int],
 
 def overrides_for(preset: str, split: str, method: str, seed: int,
                   extra: Sequence[str] = ()) -> list[str]:
-    return [*PRESETS[preset], *SPLIT_OVERRIDES[split], f"strategy={method}", f"seed={seed}",
-            *extra]
+    strategy = VARIANTS.get(method, [f"strategy={method}"])
+    return [*PRESETS[preset], *SPLIT_OVERRIDES[split], *strategy, f"seed={seed}", *extra]
 
 
 def run_all(out: Path, runs: Sequence[tuple[str, str, int]], preset: str,
@@ -216,7 +224,7 @@ def accuracy_table(found: Mapping[tuple[str, str], dict[int, dict]], split: str)
 
 def paired_lines(found: Mapping[tuple[str, str], dict[int, dict]], split: str,
                  a: str = "fedlsc", b: str = "fedavg") -> list[str]:
-    """FedLSC − FedAvg per metric, paired by seed (same partition, same initial model)."""
+    """``a`` − ``b`` per metric, paired by seed (same partition, same initial model)."""
     if (split, a) not in found or (split, b) not in found:
         return [f"(no paired comparison: {a} or {b} has no finished run)"]
     seeds = sorted(set(found[(split, a)]) & set(found[(split, b)]))
@@ -374,7 +382,8 @@ def build_report(out: Path, command: str, note: str = "") -> str:
         if not any(s == split for s, _ in found):
             continue
         lines += [f"## partition={split}", "", *accuracy_table(found, split), "",
-                  *paired_lines(found, split), "", *rounds_table(found, split), "",
+                  *[line for a, b in PAIRS for line in (*paired_lines(found, split, a, b), "")],
+                  *rounds_table(found, split), "",
                   "Measured array bytes per round (mean over rounds and seeds):", "",
                   *bytes_table(found, split), ""]
         png = plot_split(found, split, out / f"accuracy_{split}.png")

@@ -54,7 +54,7 @@ def test_cells():
 
 def test_plan_runs_the_paired_methods_first_seed_major():
     runs = pt.plan(pt.METHODS, pt.SPLITS, [0, 1, 2])
-    assert len(runs) == 7 * 2 * 3 and len(set(runs)) == len(runs)
+    assert len(runs) == 8 * 2 * 3 and len(set(runs)) == len(runs)
     assert runs[:4] == [("dirichlet", "fedavg", 0), ("dirichlet", "fedlsc", 0),
                         ("site", "fedavg", 0), ("site", "fedlsc", 0)]
     assert {m for _, m, _ in runs[:12]} == {"fedavg", "fedlsc"}
@@ -109,3 +109,11 @@ def test_report_from_result_files(tmp_path):
     # bytes (MiB): summary's means, then round 1 (2 + 1) apart from later rounds (1 + 1)
     assert "| fedavg | 1.250 | 1.000 | 2.250 | 0.000 | 3.000 | 2.000 |" in report
     assert (tmp_path / "accuracy_dirichlet.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_fp16_variant_is_fedlsc_with_float16_updates():
+    flat = pt.overrides_for("cpu", "dirichlet", "fedlsc-fp16", 1)
+    settings = Settings.from_hydra(flat)
+    assert settings.strategy.name == "fedlsc" and settings.strategy.update_dtype == "float16"
+    assert Settings.from_hydra(pt.overrides_for("cpu", "site", "fedprox", 0)).strategy.name \
+        == "fedprox"
