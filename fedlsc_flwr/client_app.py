@@ -7,6 +7,9 @@ sent back: the reply holds exactly the keys the server sent.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -34,6 +37,26 @@ from fedlsc_flwr.training import (
 
 app = ClientApp()
 STATE_KEY = "local-state"
+
+
+class SiteFailure(RuntimeError):
+    """This site could not do its part of a round. Flower sends the message to the server
+    as an error reply (the round goes on without the site), so it starts with the site's
+    name; the full traceback is in the SuperNode's log."""
+
+
+def _named_failures(handler: Callable[[Message, Context], Message]
+                    ) -> Callable[[Message, Context], Message]:
+    @functools.wraps(handler)
+    def wrapper(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as err:
+            config = context.node_config
+            name = config.get("site-name") or f"site-{config.get('partition-id', 0)}"
+            raise SiteFailure(f"site '{name}': {type(err).__name__}: {err}") from err
+
+    return wrapper
 
 
 def _site(context: Context) -> Site:
@@ -82,6 +105,7 @@ def _encode(local: np.ndarray, sent: Array, config: ConfigRecord) -> np.ndarray:
 
 
 @app.train()
+@_named_failures
 def train(msg: Message, context: Context) -> Message:
     """Local training on this site's images; reply with the shared layers only."""
     site = _site(context)
@@ -131,6 +155,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@_named_failures
 def evaluate(msg: Message, context: Context) -> Message:
     """The global model and this site's personalized model on its own held-out images."""
     site = _site(context)

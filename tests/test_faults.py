@@ -81,5 +81,7 @@ def test_bad_site_data_raises_a_clear_error_in_the_client_app(tmp_path):
         state=RecordDict(), run_config=flat)
     msg = Message(RecordDict({"arrays": ArrayRecord(), "config": ConfigRecord(
         {"server-round": 1})}), dst_node_id=1, message_type=MessageType.TRAIN)
-    with pytest.raises(DataError, match=r"ISIC_0000002"):
+    with pytest.raises(client_app.SiteFailure,
+                       match=r"^site 'site-a': DataError: .*ISIC_0000002") as raised:
         client_app.train(msg, context)
+    assert isinstance(raised.value.__cause__, DataError)  # the traceback keeps the cause

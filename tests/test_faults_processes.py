@@ -104,8 +104,8 @@ def test_supernode_killed_mid_round_round_goes_on_and_site_rejoins_from_its_disk
     victim_index, victim = 2, sites[2]
     config = to_run_config(compose([
         "num_server_rounds=3", "dataset.image_size=32", "training.batch_size=16",
-        # enough local work (~400 images) that the kill lands inside training
-        "training.max_batches_per_epoch=25", "strategy.personalized_ratio=0.1",
+        # enough local work (~200 images) that the kill lands inside training
+        "training.max_batches_per_epoch=12", "strategy.personalized_ratio=0.1",
         # rounds wait for all 3 sites to be connected, and aggregate from 2 or more
         "min_available_nodes=3", "min_train_nodes=2", "min_train_replies=2",
         "round_timeout=900"]))
