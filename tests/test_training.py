@@ -57,7 +57,8 @@ def test_proximal_term_keeps_weights_closer_to_the_global_model():
         anchor = {k: v.detach().clone() for k, v in model.named_parameters()}
         stats = train_local(model, _toy_loader(), epochs=5, lr=0.01, device=torch.device("cpu"),
                             proximal_mu=mu, anchor=anchor)
-        drift[mu] = sum(float((p.detach() - anchor[k]).norm() ** 2) for k, p in model.named_parameters())
+        drift[mu] = sum(float((p.detach() - anchor[k]).norm() ** 2)
+                        for k, p in model.named_parameters())
         assert stats.examples == 5 * 64
         assert (stats.proximal > 0) == (mu > 0)
     assert drift[5.0] < 0.8 * drift[0.0]
