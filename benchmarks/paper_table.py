@@ -138,6 +138,18 @@ def overrides_for(preset: str, split: str, method: str, seed: int,
     return [*PRESETS[preset], *SPLIT_OVERRIDES[split], *strategy, f"seed={seed}", *extra]
 
 
+def usable(results: Path) -> bool:
+    """A run counts when its summary holds global held-out metrics: a run in which every
+    site failed (each reply an error) also writes a summary, with nothing in it."""
+    path = results / "summary.json"
+    if not path.is_file():
+        return False
+    try:
+        return "accuracy" in json.loads(path.read_text())["final"]["global"]
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
 def run_all(out: Path, runs: Sequence[tuple[str, str, int]], preset: str,
             extra: Sequence[str]) -> None:
     from fedlsc_flwr.config import compose
@@ -146,19 +158,20 @@ def run_all(out: Path, runs: Sequence[tuple[str, str, int]], preset: str,
     log = out / "runs.jsonl"
     for i, (split, method, seed) in enumerate(runs, start=1):
         job = run_dir(out, split, method, seed)
-        if (job / "results" / "summary.json").is_file():
+        if usable(job / "results"):
             print(f"[{i}/{len(runs)}] {split} {method} seed {seed}: done before, skipped",
                   flush=True)
             continue
-        if (job / "results").exists():  # a run stopped midway: keep it aside, start anew
+        if (job / "results").exists():  # stopped midway or failed: keep it aside, start anew
             (job / "results").rename(job / f"results.incomplete-{time.strftime('%H%M%S')}")
         job.mkdir(parents=True, exist_ok=True)
         overrides = overrides_for(preset, split, method, seed, extra)
         start = time.monotonic()
         code = run_job(compose(overrides), job)
         seconds = time.monotonic() - start
-        ok = code == 0 and (job / "results" / "summary.json").is_file()
-        status = "ok" if ok else f"FAILED (exit {code}, see {job / 'flower.log'})"
+        ok = code == 0 and usable(job / "results")
+        status = "ok" if ok else f"FAILED (exit {code}, no held-out metrics; see " \
+                                 f"{job / 'flower.log'})"
         print(f"[{i}/{len(runs)}] {split} {method} seed {seed}: {status} in {seconds:.0f} s",
               flush=True)
         with open(log, "a", encoding="utf-8") as f:
@@ -194,6 +207,8 @@ def load_runs(out: Path) -> dict[tuple[str, str], dict[int, dict[str, Any]]]:
     found: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
     for path in sorted(out.glob("*/*/seed*/results/summary.json")):
         results = path.parent
+        if not usable(results):
+            continue
         seed = int(results.parent.name.removeprefix("seed"))
         method, split = results.parent.parent.name, results.parent.parent.parent.name
         rows = [json.loads(line) for line in (results / "metrics.jsonl").read_text().splitlines()

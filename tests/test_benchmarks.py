@@ -117,3 +117,14 @@ def test_fp16_variant_is_fedlsc_with_float16_updates():
     assert settings.strategy.name == "fedlsc" and settings.strategy.update_dtype == "float16"
     assert Settings.from_hydra(pt.overrides_for("cpu", "site", "fedprox", 0)).strategy.name \
         == "fedprox"
+
+
+def test_a_run_whose_sites_all_failed_does_not_count(tmp_path):
+    _fake_run(tmp_path, "site", "fedavg", 0, [0.5, 0.6])
+    results = pt.run_dir(tmp_path, "site", "fedavg", 0) / "results"
+    assert pt.usable(results)
+    summary = json.loads((results / "summary.json").read_text())
+    summary["final"] = {"global": {}, "personalized": {}}  # every reply was an error
+    (results / "summary.json").write_text(json.dumps(summary))
+    assert not pt.usable(results)
+    assert pt.load_runs(tmp_path) == {}
