@@ -139,15 +139,20 @@ def overrides_for(preset: str, split: str, method: str, seed: int,
 
 
 def usable(results: Path) -> bool:
-    """A run counts when its summary holds global held-out metrics: a run in which every
-    site failed (each reply an error) also writes a summary, with nothing in it."""
+    """A run counts when its summary holds global held-out metrics and no site failed a
+    round: a run whose sites failed still writes a summary, which must not be tabled."""
     path = results / "summary.json"
     if not path.is_file():
         return False
     try:
-        return "accuracy" in json.loads(path.read_text())["final"]["global"]
-    except (ValueError, KeyError, TypeError):
+        if "accuracy" not in json.loads(path.read_text())["final"]["global"]:
+            return False
+        rows = [json.loads(line) for line in
+                (results / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    except (OSError, ValueError, KeyError, TypeError):
         return False
+    return bool(rows) and not any(found for row in rows
+                                  for found in row.get("failures", {}).values())
 
 
 def run_all(out: Path, runs: Sequence[tuple[str, str, int]], preset: str,

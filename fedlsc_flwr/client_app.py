@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from logging import INFO, WARNING
 
 import numpy as np
 import torch
@@ -75,9 +76,14 @@ def _local_state(site: Site, context: Context) -> dict[str, torch.Tensor] | None
     return site.load_local_state()  # e.g. after a SuperNode restart
 
 
-def _assemble(site: Site, context: Context, arrays: ArrayRecord,
-              personalized: set[str]) -> torch.nn.Module:
-    """The site's model: global values for what the server sent, its own for the rest."""
+def _assemble(site: Site, context: Context, arrays: ArrayRecord, personalized: set[str],
+              server_round: int = 1) -> torch.nn.Module:
+    """The site's model: global values for what the server sent, its own for the rest.
+
+    A site with no local weights at all (its first round in this run) starts its
+    personalized layers from the initial model, which it builds itself from the same seed
+    as the server; a site whose local weights lack a personalized key is an error.
+    """
     model = site.new_model()
     state = model.state_dict()
     received = arrays.to_torch_state_dict()
@@ -88,11 +94,22 @@ def _assemble(site: Site, context: Context, arrays: ArrayRecord,
     own_keys = [k for k in state if k not in received]
     if own_keys:
         local = _local_state(site, context)
-        missing = [k for k in own_keys if local is None or k not in local]
-        if missing and any(_is_personalized(k, personalized) for k in missing):
-            raise RuntimeError(f"{site.identity.name}: personalized weights for {missing[:5]} "
-                               f"are neither in memory nor in {site.local_state_path}")
-        received.update({k: local[k] for k in own_keys if local is not None and k in local})
+        if local is None:
+            fresh = sorted({layer_of(k) for k in own_keys if _is_personalized(k, personalized)})
+            if fresh:
+                log(WARNING if server_round > 1 else INFO,
+                    "%s round %s: no local weights in %s yet: personalized layers %s start "
+                    "from the initial model%s", site.identity.name, server_round,
+                    site.local_state_path, fresh[:5], "" if server_round <= 1 else
+                    " (a site new to this run, or its output folder was lost)")
+        else:
+            missing = [k for k in own_keys if k not in local]
+            if any(_is_personalized(k, personalized) for k in missing):
+                raise RuntimeError(
+                    f"{site.identity.name}: personalized weights for {missing[:5]} are not in "
+                    f"its local weights ({site.local_state_path}); was it trained with "
+                    "another backbone?")
+            received.update({k: local[k] for k in own_keys if k in local})
     model.load_state_dict(received, strict=False)
     return model
 
@@ -120,7 +137,7 @@ def train(msg: Message, context: Context) -> Message:
     num_train = len(train_loader.dataset)
     log(20, "%s round %s: training on %d images, %d personalized layer(s) kept on this site",
         site.identity.name, server_round, num_train, len(personalized))
-    model = _assemble(site, context, arrays, personalized)
+    model = _assemble(site, context, arrays, personalized, server_round)
     anchor = {k: v.detach().clone() for k, v in model.named_parameters() if k in arrays}
     lr = lr_for_round(site.settings.training.lr, server_round,
                       site.settings.training.lr_step_rounds, site.settings.training.lr_gamma)

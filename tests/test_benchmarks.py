@@ -128,3 +128,15 @@ def test_a_run_whose_sites_all_failed_does_not_count(tmp_path):
     (results / "summary.json").write_text(json.dumps(summary))
     assert not pt.usable(results)
     assert pt.load_runs(tmp_path) == {}
+
+
+def test_a_run_in_which_a_site_failed_a_round_does_not_count(tmp_path):
+    _fake_run(tmp_path, "site", "fedavg-fc", 1, [0.5, 0.6])
+    results = pt.run_dir(tmp_path, "site", "fedavg-fc", 1) / "results"
+    rows = [json.loads(line) for line in (results / "metrics.jsonl").read_text().splitlines()]
+    rows[0]["failures"] = {"train": [], "evaluate": []}
+    (results / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert pt.usable(results)
+    rows[1]["failures"] = {"train": [{"site": "site-0", "node": 7, "reason": "error"}]}
+    (results / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert not pt.usable(results)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from fedlsc_flwr import client_app
 from fedlsc_flwr.config import compose, to_run_config
 from fedlsc_flwr.model import build_model
 from fedlsc_flwr.similarity import layer_of
-from fedlsc_flwr.strategy import array_from_numpy
+from fedlsc_flwr.strategy import STRATEGY_NAMES, array_from_numpy, build_strategy
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 CLASSES = ["nv", "mel", "bkl", "bcc"]
@@ -88,8 +89,64 @@ def test_restarted_site_restores_personalized_layers_from_its_own_disk(site, flw
         (after["classifier.weight"] - fresh).abs().max()
 
 
-def test_missing_personalized_weights_are_an_error_not_a_silent_reset(site):
-    flat, node, _ = site
+def test_first_round_with_a_local_head_starts_it_from_the_initial_model(site, flwr_logs):
+    """FedAvg-FC: the classifier is never sent, not even in round 1."""
+    flat, node, out = site
     arrays = _global_arrays(skip_layers={"classifier"})
-    with pytest.raises(RuntimeError, match=r"personalized weights for \['classifier.weight'"):
+    reply, _ = _train(flat, node, arrays, 1, {"classifier"})
+    assert set(reply.content["arrays"]) == set(arrays)
+    assert "round 1: no local weights" in flwr_logs.text
+    assert not [r for r in flwr_logs.records if r.levelno >= logging.WARNING]
+    head = torch.load(out / "local_state.pt", weights_only=True)["state_dict"]
+    assert head["classifier.weight"].shape == (7, 512)
+
+
+def test_no_local_weights_in_a_later_round_is_a_loud_warning(site, flwr_logs):
+    flat, node, _ = site
+    _train(flat, node, _global_arrays(skip_layers={"classifier"}), 4, {"classifier"})
+    warnings = [r.getMessage() for r in flwr_logs.records if r.levelno == logging.WARNING]
+    assert any("round 4: no local weights" in w and "output folder was lost" in w
+               for w in warnings), warnings
+
+
+def test_local_weights_lacking_a_personalized_key_are_an_error(site):
+    flat, node, out = site
+    _train(flat, node, _global_arrays(), 1)
+    blob = torch.load(out / "local_state.pt", weights_only=True)
+    del blob["state_dict"]["classifier.bias"]
+    torch.save(blob, out / "local_state.pt")
+    arrays = _global_arrays(skip_layers={"classifier"})
+    with pytest.raises(client_app.SiteFailure,
+                       match=r"site 'site-a': RuntimeError: .*\['classifier.bias'\] are not in"):
         _train(flat, node, arrays, 2, {"classifier"})
+
+
+class _TwoNodes:
+    def get_node_ids(self):
+        return [1, 2]
+
+
+@pytest.mark.parametrize("name", STRATEGY_NAMES)
+def test_every_method_trains_two_rounds_with_the_real_client_app(site, name):
+    """Server strategy and ClientApp agree on what is sent and returned, for every method:
+    two rounds, two sites, no reply dropped."""
+    flat, node, out = site
+    strategy = build_strategy(name, min_available_nodes=2, min_train_nodes=2,
+                              min_train_replies=2, head_layer="classifier")
+    contexts = {nid: Context(run_id=1, node_id=nid, state=RecordDict(), run_config=flat,
+                             node_config={**node, "site-name": f"site-{nid}",
+                                          "output-dir": str(out / f"site-{nid}")})
+                for nid in (1, 2)}
+    arrays = _global_arrays()
+    for server_round in (1, 2):
+        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(),
+                                                 _TwoNodes()))
+        replies = [client_app.train(m, contexts[m.metadata.dst_node_id]) for m in messages]
+        assert not any(r.has_error() for r in replies)
+        new, metrics = strategy.aggregate_train(server_round, replies)
+        assert new is not None, (name, server_round)
+        assert set(new) == set(arrays)
+        if "num-replies-accepted" in metrics:
+            assert metrics["num-replies-accepted"] == 2
+        assert strategy.failures["train"] == []
+        arrays = new
