@@ -39,7 +39,8 @@ def plot_accuracy(rows: Sequence[Mapping[str, Any]], path: str | Path, title: st
     ax.set_ylabel("held-out score")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # nothing to plot when no round was evaluated
+        ax.legend(fontsize=8)
     ax.set_title(title or "accuracy per round")
     return _save(fig, path)
 

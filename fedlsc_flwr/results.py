@@ -122,6 +122,7 @@ class RunRecorder:
         self.targets = targets
         self.rows: list[dict[str, Any]] = list(previous_rows or [])
         self._train: dict[str, Any] = {}
+        self._aggregated = False
         self._evaluate: dict[str, Any] = {}
         self._round_start = time.perf_counter()
         self.last_arrays: ArrayRecord | None = None
@@ -133,6 +134,7 @@ class RunRecorder:
         def recorded_train(server_round: int, replies: Iterable[Message]):
             arrays, metrics = aggregate_train(server_round, replies)
             self._train = dict(metrics) if metrics is not None else {}
+            self._aggregated = arrays is not None
             return arrays, metrics
 
         def recorded_evaluate(server_round: int, replies: Iterable[Message]):
@@ -150,6 +152,7 @@ class RunRecorder:
             return None
         true_round = server_round + self.offset
         row = self._row(true_round)
+        self._aggregated = False
         self.rows.append(row)
         self.last_arrays = arrays
         atomic_write_text(self.dir / "metrics.jsonl",
@@ -190,6 +193,7 @@ class RunRecorder:
             "round": true_round,
             "strategy": self.strategy_name,
             "train": {k: v for k, v in train.items() if not k.startswith("lsc-")},
+            "aggregated": self._aggregated,  # False: too few usable replies, model kept
             "global": group("global-"),
             "personalized": group("personal-"),
             "sites-evaluated": int(evaluate.get("num-sites", 0)) or None,
@@ -216,6 +220,7 @@ class RunRecorder:
         summary = {
             "strategy": self.strategy_name,
             "rounds": len(self.rows),
+            "rounds_aggregated": sum(bool(r.get("aggregated", True)) for r in self.rows),
             "final": {"global": self.rows[-1]["global"] if self.rows else {},
                       "personalized": self.rows[-1]["personalized"] if self.rows else {}},
             "rounds_to_reach_accuracy": reached,

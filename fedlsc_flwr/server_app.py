@@ -111,6 +111,10 @@ def main(grid: Grid, context: Context) -> None:
                    evaluate_fn=recorder)
     summary = recorder.finish()
     lock.close()
+    if summary["rounds_aggregated"] == 0:
+        raise RuntimeError(
+            f"no round of this run was aggregated: no site sent a usable training reply "
+            f"(see 'failures' in {results_dir / 'metrics.jsonl'} and the sites' logs)")
     final = summary["final"]["global"]
     log(INFO, "Finished: global model balanced accuracy %.4f, accuracy %.4f on the pooled "
         "held-out data; personalized models mean balanced accuracy %.4f. Files in %s",

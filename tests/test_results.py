@@ -64,3 +64,39 @@ def test_metered_grid_counts_array_bytes_and_delegates():
         Array(np.zeros(10, np.float32)).data)
     assert grid.take_traffic() == {"train-sent": 2 * sent, "train-received": 2 * received}
     assert grid.take_traffic() == {}
+
+
+class _AlwaysFailing:
+    """A strategy whose training rounds never aggregate (every site failed)."""
+
+    personalized_layers = ()
+    failures = {"train": [{"site": "site-0", "node": 1, "reason": "error reply"}],
+                "evaluate": []}
+
+    def aggregate_train(self, server_round, replies):
+        return None, None
+
+    def aggregate_evaluate(self, server_round, replies):
+        return None
+
+    def state_dict(self):
+        return {}
+
+
+def test_rounds_without_an_update_are_recorded(tmp_path):
+    from fedlsc_flwr.results import RunRecorder
+
+    strategy = _AlwaysFailing()
+    recorder = RunRecorder(tmp_path, strategy=strategy, grid=MeteredGrid(_Grid()),
+                           run_config={}, strategy_name="fedavg", round_offset=0,
+                           model_info={"backbone": "resnet10t_sa", "image_size": 32,
+                                       "mean": [0.5] * 3, "std": [0.5] * 3},
+                           class_names=["a", "b"], targets=[0.5])
+    arrays = ArrayRecord({"w": Array(np.zeros(3, np.float32))})
+    recorder(0, arrays)
+    for server_round in (1, 2):
+        strategy.aggregate_train(server_round, [])
+        recorder(server_round, arrays)
+    assert [r["aggregated"] for r in recorder.rows] == [False, False]
+    assert recorder.rows[0]["failures"]["train"][0]["site"] == "site-0"
+    assert recorder.finish()["rounds_aggregated"] == 0
