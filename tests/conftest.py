@@ -61,3 +61,39 @@ def stop_processes():
                 pass
 
     return stop
+
+
+#: `flwr run` in simulation starts (or reuses!) a local SuperLink on this fixed address.
+LOCAL_SUPERLINK = ("127.0.0.1", 39091)
+
+
+def local_superlink_owner() -> str | None:
+    """The command line of whatever listens on Flower's local SuperLink port, if anything."""
+    import socket
+
+    with socket.socket() as s:
+        if s.connect_ex(LOCAL_SUPERLINK) != 0:
+            return None
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "flower-superlink" in cmd and "--simulation" in cmd:
+            return f"pid {proc.name}: {cmd.strip()}"
+    return "an unknown process"
+
+
+@pytest.fixture(scope="module")
+def own_local_superlink():
+    """Simulation tests kill and restart their own local SuperLink; one that another
+    FLWR_HOME started (e.g. a benchmark sweep) would silently serve their runs instead."""
+    import time
+
+    deadline = time.monotonic() + 20  # one that a previous test just stopped may linger
+    while (owner := local_superlink_owner()) is not None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if owner is not None:
+        pytest.fail(f"another local Flower SuperLink already listens on "
+                    f"{LOCAL_SUPERLINK[0]}:{LOCAL_SUPERLINK[1]} ({owner}); stop it first, "
+                    f"or these tests would run on it")

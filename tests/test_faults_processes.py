@@ -44,6 +44,7 @@ def test_writer_killed_mid_write_leaves_the_previous_checkpoint(tmp_path):
 
 
 @pytest.mark.skipif(not DATA.is_dir(), reason="real HAM10000 data not found")
+@pytest.mark.usefixtures("own_local_superlink")
 def test_superlink_killed_mid_run_resumes_at_the_next_round(tmp_path, stop_processes):
     home = tmp_path / "flwr-home"
     env = {**flower_env(), "FLWR_HOME": str(home), "FEDLSC_CACHE_DIR": str(tmp_path / "cache")}

@@ -30,7 +30,7 @@ COMMON = {
 
 
 @pytest.fixture(scope="module")
-def flower(tmp_path_factory, stop_processes):
+def flower(tmp_path_factory, stop_processes, own_local_superlink):
     home = tmp_path_factory.mktemp("flwr-home")
     env = {**flower_env(), "FLWR_HOME": str(home),
            "FEDLSC_CACHE_DIR": str(tmp_path_factory.mktemp("cache"))}
