@@ -20,7 +20,7 @@ from flwr.common.logger import log
 from fedlsc_flwr.config import Settings
 from fedlsc_flwr.data import CLASSES, class_weights
 from fedlsc_flwr.similarity import layer_of
-from fedlsc_flwr.site import Site, SiteIdentity
+from fedlsc_flwr.site import Site, SiteIdentity, site_name
 from fedlsc_flwr.site_tracking import SITE_RECORD_KEY, site_record
 from fedlsc_flwr.strategy import (
     PERSONALIZED_LAYERS_KEY,
@@ -53,8 +53,7 @@ def _named_failures(handler: Callable[[Message, Context], Message]
         try:
             return handler(msg, context)
         except Exception as err:
-            config = context.node_config
-            name = config.get("site-name") or f"site-{config.get('partition-id', 0)}"
+            name = site_name(context.node_config)
             raise SiteFailure(f"site '{name}': {type(err).__name__}: {err}") from err
 
     return wrapper

@@ -152,7 +152,6 @@ class RunRecorder:
             return None
         true_round = server_round + self.offset
         row = self._row(true_round)
-        self._aggregated = False
         self.rows.append(row)
         self.last_arrays = arrays
         atomic_write_text(self.dir / "metrics.jsonl",
@@ -179,8 +178,8 @@ class RunRecorder:
         return MetricRecord({k: v for k, v in glob.items() if isinstance(v, float)})
 
     def _row(self, true_round: int) -> dict[str, Any]:
-        train, evaluate = self._train, self._evaluate
-        self._train, self._evaluate = {}, {}
+        train, evaluate, aggregated = self._train, self._evaluate, self._aggregated
+        self._train, self._evaluate, self._aggregated = {}, {}, False
 
         def group(prefix: str) -> dict[str, Any]:
             return {k[len(prefix):]: v for k, v in evaluate.items()
@@ -193,7 +192,7 @@ class RunRecorder:
             "round": true_round,
             "strategy": self.strategy_name,
             "train": {k: v for k, v in train.items() if not k.startswith("lsc-")},
-            "aggregated": self._aggregated,  # False: too few usable replies, model kept
+            "aggregated": aggregated,  # False: too few usable replies, model kept
             "global": group("global-"),
             "personalized": group("personal-"),
             "sites-evaluated": int(evaluate.get("num-sites", 0)) or None,

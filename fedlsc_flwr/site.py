@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,12 @@ def image_cache_dir() -> Path:
     return Path(os.environ.get("FEDLSC_CACHE_DIR", Path.home() / ".cache" / "fedlsc-flwr"))
 
 
+def site_name(node_config: Mapping[str, Any]) -> str:
+    """The site's name: ``site-name`` from the node config, else ``site-<partition-id>``."""
+    pid = int(node_config.get("partition-id", 0))
+    return str(node_config.get("site-name", "") or f"site-{pid}")
+
+
 @dataclass(frozen=True)
 class SiteIdentity:
     """Who this site is and where its files are, from the node config."""
@@ -58,7 +65,7 @@ class SiteIdentity:
         own_folder = str(node_config.get("data-dir", ""))
         partition = "folder" if own_folder else settings.partition.name
         data_dir = resolve_data_dir(own_folder or settings.dataset.data_dir)
-        name = str(node_config.get("site-name", "") or f"site-{pid}")
+        name = site_name(node_config)
         if node_config.get("output-dir"):
             output = Path(str(node_config["output-dir"]))
         elif settings.site_output_dir:

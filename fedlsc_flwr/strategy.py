@@ -498,7 +498,6 @@ class SiteAwareFedProx(SiteTracking, FedProx):
     ``min_train_replies``."""
 
 
-
 STRATEGY_NAMES = (
     "fedlsc", "fedlsc-per0", "fedavg", "fedprox", "fedavg-fc", "fedprox-fc", "local-only")
 
