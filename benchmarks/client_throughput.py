@@ -1,6 +1,6 @@
 """Training images/s of one site inside the real ClientApp against a bare PyTorch loop.
 
-The ClientApp side calls ``fedlsc_flwr.client_app.train(msg, context)`` in-process with a
+The ClientApp side calls ``client_app.app.train(msg, context)`` in-process with a
 real ``Context`` (run config composed from ``conf/``) and a real ``Message`` (the initial
 global ArrayRecord), on real HAM10000 images of one Dirichlet partition; its time is the
 whole call (settings, model build, assembling the received arrays, training, saving the
@@ -26,12 +26,12 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 
-from fedlsc_flwr import client_app
-from fedlsc_flwr.config import Settings, compose, to_run_config
-from fedlsc_flwr.data import class_weights
+from client_app import app as client_app
+from client_app.data import class_weights
+from fedlsc_common.settings import Settings, compose, to_run_config
 from fedlsc_flwr.model import build_model
-from fedlsc_flwr.server_app import initial_arrays
-from fedlsc_flwr.strategy import PROXIMAL_MU_KEY
+from fedlsc_flwr.wire import PROXIMAL_MU_KEY
+from server_app.app import initial_arrays
 
 
 def bare_round(settings: Settings, loader: torch.utils.data.DataLoader, batches: int,
@@ -142,8 +142,8 @@ def profile_call(context: Context, msg: Message, top: int = 14) -> None:
     profiler = cProfile.Profile()
     profiler.runcall(client_app.train, msg, context)
     stats = pstats.Stats(profiler).sort_stats("cumulative")
-    print("\none ClientApp call under cProfile, fedlsc_flwr functions by cumulative time:")
-    stats.print_stats(r"fedlsc_flwr|serialization|torch/serialization", top)
+    print("\none ClientApp call under cProfile, fedlsc_flwr and client_app functions by cumulative time:")
+    stats.print_stats(r"fedlsc_flwr|client_app|serialization|torch/serialization", top)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fedlsc_flwr import data
-from fedlsc_flwr.data import make_loader, read_ham10000
+from client_app import data
+from client_app.data import make_loader, read_ham10000
 from fedlsc_flwr.model import build_model
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000"

@@ -2,7 +2,7 @@
 then one markdown table (mean ± std over seeds, paired FedLSC − FedAvg 95 % CI),
 rounds to reach target accuracies, bytes per round, and accuracy-per-round plots.
 
-Runs go one after another (``flwr run`` in simulation, via ``fedlsc_flwr.experiment.run_job``),
+Runs go one after another (``flwr run`` in simulation, via ``fedlsc_tools.experiment.run_job``),
 each in its own folder ``OUT/<split>/<method>/seed<k>/`` (``results/``, ``flower.log``,
 ``run_config.toml``). A run whose ``results/summary.json`` exists is skipped, so a stopped
 sweep resumes where it was. Order is seed-major: a partial sweep still holds complete
@@ -157,8 +157,8 @@ def usable(results: Path) -> bool:
 
 def run_all(out: Path, runs: Sequence[tuple[str, str, int]], preset: str,
             extra: Sequence[str]) -> None:
-    from fedlsc_flwr.config import compose
-    from fedlsc_flwr.experiment import run_job
+    from fedlsc_common.settings import compose
+    from fedlsc_tools.experiment import run_job
 
     log = out / "runs.jsonl"
     for i, (split, method, seed) in enumerate(runs, start=1):
@@ -309,7 +309,7 @@ def paper_bytes_lines(num_clients: int = 3) -> list[str]:
     """Computed (not measured) train traffic per round for the paper's model: what an
     ArrayRecord of res2net50_sa weighs, whole and without the classifier."""
     from fedlsc_flwr.model import CLASSIFIER_LAYER, build_model
-    from fedlsc_flwr.strategy import array_from_numpy
+    from fedlsc_flwr.wire import array_from_numpy
 
     state = build_model("res2net50_sa", num_classes=7).state_dict()
     size = {k: len(array_from_numpy(v.numpy()).data) for k, v in state.items()}

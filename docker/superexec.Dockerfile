@@ -6,6 +6,10 @@ FROM flwr/superexec:${FLWR_VERSION}
 WORKDIR /app
 COPY --chown=app:app pyproject.toml README.md ./
 COPY --chown=app:app fedlsc_flwr ./fedlsc_flwr
+COPY --chown=app:app fedlsc_common ./fedlsc_common
+COPY --chown=app:app server_app ./server_app
+COPY --chown=app:app client_app ./client_app
+COPY --chown=app:app fedlsc_tools ./fedlsc_tools
 COPY --chown=app:app conf ./conf
 # flwr is already in the base image at the pinned version: install everything else.
 RUN sed -i 's/^\s*"flwr\[simulation\]==[^"]*",//' pyproject.toml \

@@ -1,7 +1,14 @@
-"""fedlsc-flwr: FedLSC layer-similarity federated learning as a Flower strategy.
+"""fedlsc-flwr: FedLSC layer-similarity federated learning as a Flower strategy plugin.
 
-Exports are loaded on first use, so ``fedlsc_flwr.similarity`` (numpy only) and
-``fedlsc_flwr.model`` (torch only) can be imported without Flower.
+- :mod:`fedlsc_flwr.strategy`: FedLSC, PersonalizedFedAvg (FedAvg-FC/FedProx-FC),
+  LocalOnly, and ``build_strategy`` by name;
+- :mod:`fedlsc_flwr.similarity`: the math of Eq. 1-6, numpy only;
+- :mod:`fedlsc_flwr.wire`: what travels between the strategy and a site's ClientApp;
+- :mod:`fedlsc_flwr.metrics`: classification metrics and pooled evaluation;
+- :mod:`fedlsc_flwr.model`: Res2Net50-SA and the other registered backbones (torch).
+
+Exports load on first use, so ``fedlsc_flwr.similarity`` imports without Flower and
+``fedlsc_flwr.model`` without numpy-only users paying for torch.
 """
 
 from importlib import import_module

@@ -17,6 +17,40 @@ BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 
 #: A norm below this is treated as a zero update (similarity 0 to everyone).
 ZERO_NORM = 1e-30
+GRANULARITIES = ("layer", "tensor")
+
+
+class HyperParameterError(ValueError):
+    """A hyper-parameter value that cannot be used. ``name`` is the keyword argument,
+    ``requirement`` completes "must be ...", so an app can name its own config key."""
+
+    def __init__(self, name: str, value: object, requirement: str,
+                 message: str | None = None) -> None:
+        super().__init__(message or f"{name} must be {requirement}, got {value!r}")
+        self.name, self.value, self.requirement = name, value, requirement
+
+
+# The one place each FedLSC hyper-parameter is checked: the strategies call these, and
+# an app validates its settings by building the strategy.
+def check_temperature(temperature: float) -> float:
+    """τ of Eq. 4."""
+    if not temperature > 0:
+        raise HyperParameterError("temperature", temperature, "a number > 0")
+    return float(temperature)
+
+
+def check_personalized_ratio(ratio: float) -> float:
+    """The "Per" quantile of Eq. 6."""
+    if not 0.0 <= ratio < 1.0:
+        raise HyperParameterError("personalized_ratio", ratio, "in [0, 1)")
+    return float(ratio)
+
+
+def check_granularity(granularity: str) -> str:
+    """What one aggregation unit is: a leaf module ("layer") or one tensor ("tensor")."""
+    if granularity not in GRANULARITIES:
+        raise HyperParameterError("granularity", granularity, "'layer' or 'tensor'")
+    return granularity
 
 
 def layer_of(key: str) -> str:
@@ -53,8 +87,7 @@ def group_layers(
     ``"tensor"`` makes each parameter its own unit, named by its key (buffers then
     follow the ``weight`` of their module, or its first parameter).
     """
-    if granularity not in ("layer", "tensor"):
-        raise ValueError(f"granularity must be 'layer' or 'tensor', got {granularity!r}")
+    check_granularity(granularity)
     params: dict[str, list[str]] = {}
     buffers: dict[str, list[str]] = {}
     counters: dict[str, list[str]] = {}
@@ -156,8 +189,7 @@ def similarity_matrix(updates: np.ndarray) -> np.ndarray:
 
 def softmax_weights(mean_sim: np.ndarray, temperature: float) -> np.ndarray:
     """Eq. 4: softmax over clients of s̄_i / τ, computed stably."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_temperature(temperature)
     z = np.asarray(mean_sim, dtype=np.float64) / temperature
     z -= z.max()
     e = np.exp(z)
@@ -206,8 +238,7 @@ def select_personalized(layer_mean_sim: Mapping[str, float], ratio: float) -> fr
     The quantile is ``numpy.quantile`` with its default (linear) method. Ratio 0 selects
     nothing (nothing is strictly below the minimum).
     """
-    if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"personalized_ratio must be in [0, 1), got {ratio}")
+    check_personalized_ratio(ratio)
     if not layer_mean_sim:
         return frozenset()
     names = list(layer_mean_sim)

@@ -1,0 +1,1 @@
+"""A hospital's Flower ClientApp: ``client_app.app:app``."""

@@ -1,0 +1,137 @@
+"""Flower ClientApp of a hospital: train on its own images, evaluate on its own held-out set.
+
+Personalized layers (named by the server's ``personalized-layers`` config entry) are
+restored from the site's own weights (``context.state``, else its disk) and never sent
+back: the reply holds exactly the keys the server sent. The work is done by
+:class:`client_app.site.Site`; this module only reads and writes messages.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from logging import INFO
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.logger import log
+
+from client_app.site import Site, site_name
+from client_app.training import confusion_matrix
+from fedlsc_common.classes import CLASSES
+from fedlsc_flwr.metrics import classification_metrics
+from fedlsc_flwr.wire import (
+    PERSONALIZED_LAYERS_KEY,
+    PROXIMAL_MU_KEY,
+    SITE_RECORD_KEY,
+    UPDATE_DTYPE_KEY,
+    array_from_numpy,
+    array_view,
+    encode_update,
+    is_personalized,
+    site_record,
+)
+
+app = ClientApp()
+STATE_KEY = "local-state"  # the site's last trained weights in context.state
+
+
+class SiteFailure(RuntimeError):
+    """This site could not do its part of a round. Flower sends the message to the server
+    as an error reply (the round goes on without the site), so it starts with the site's
+    name; the full traceback is in the SuperNode's log."""
+
+
+def _named_failures(handler: Callable[[Message, Context], Message]
+                    ) -> Callable[[Message, Context], Message]:
+    @functools.wraps(handler)
+    def wrapper(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as err:
+            name = site_name(context.node_config)
+            raise SiteFailure(f"site '{name}': {type(err).__name__}: {err}") from err
+
+    return wrapper
+
+
+def _site(context: Context) -> Site:
+    return Site.for_run(context.run_config, context.node_config, context.run_id)
+
+
+def _round(msg: Message) -> int:
+    config = msg.content["config"]
+    return int(config["server-round"]) + int(config.get("round-offset", 0))
+
+
+def _local_state(site: Site, context: Context) -> dict[str, torch.Tensor] | None:
+    if STATE_KEY in context.state.array_records:
+        return context.state.array_records[STATE_KEY].to_torch_state_dict()
+    return site.load_local_state()  # e.g. after a SuperNode restart
+
+
+@app.train()
+@_named_failures
+def train(msg: Message, context: Context) -> Message:
+    """Local training on this site's images; reply with the shared layers only."""
+    site, server_round = _site(context), _round(msg)
+    config, arrays = msg.content["config"], msg.content["arrays"]
+    personalized = set(config.get(PERSONALIZED_LAYERS_KEY, []))
+    site.save_personalized_list(sorted(personalized))
+    log(INFO, "%s round %s: %d personalized layer(s) kept on this site",
+        site.identity.name, server_round, len(personalized))
+    model = site.assemble(arrays.to_torch_state_dict(), personalized,
+                          _local_state(site, context), server_round)
+    stats, lr, num_train = site.train(model, set(arrays), server_round,
+                                      float(config.get(PROXIMAL_MU_KEY, 0.0)))
+
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    context.state[STATE_KEY] = ArrayRecord(state)
+    site.save_local_state(state, server_round)
+    update_dtype = str(config.get(UPDATE_DTYPE_KEY, "float32"))
+    reply = ArrayRecord({k: array_from_numpy(
+        encode_update(state[k].numpy(), array_view(arrays[k]), update_dtype)) for k in arrays})
+    metrics = MetricRecord({
+        "num-examples": stats.examples, "train-loss": stats.loss,
+        "train-accuracy": stats.accuracy, "train-seconds": stats.seconds,
+        "images-per-second": stats.images_per_second, "proximal-term": stats.proximal,
+        "lr": lr, "train-set-size": num_train,
+    })
+    return Message(RecordDict({"arrays": reply, "metrics": metrics,
+                               SITE_RECORD_KEY: site_record(site.identity.name)}), reply_to=msg)
+
+
+@app.evaluate()
+@_named_failures
+def evaluate(msg: Message, context: Context) -> Message:
+    """The global model and this site's personalized model on its own held-out images."""
+    site, server_round = _site(context), _round(msg)
+    test_loader = site.loader("test")
+    num_classes = site.settings.model.num_classes
+
+    model = site.assemble(msg.content["arrays"].to_torch_state_dict(), set(), None)
+    global_cm, global_loss = confusion_matrix(model, test_loader, site.device, num_classes)
+
+    personalized = set(site.load_personalized_list())
+    local = _local_state(site, context) if personalized else None
+    if local is not None:
+        own = {k: v for k, v in local.items() if is_personalized(k, personalized)}
+        model.load_state_dict(own, strict=False)
+        personal_cm, personal_loss = confusion_matrix(model, test_loader, site.device,
+                                                      num_classes)
+    else:
+        personal_cm, personal_loss = global_cm, global_loss
+    scores = classification_metrics(personal_cm, CLASSES)
+    site.save_personal_model(model, server_round, scores)
+    log(INFO, "%s round %s: held-out accuracy global %.4f, personalized %.4f (%d images)",
+        site.identity.name, server_round, classification_metrics(global_cm, CLASSES)["accuracy"],
+        scores["accuracy"], int(global_cm.sum()))
+    metrics = MetricRecord({
+        "num-examples": int(global_cm.sum()),
+        "global-loss": global_loss, "personal-loss": personal_loss,
+        "global-confusion": [int(v) for v in global_cm.reshape(-1)],
+        "personal-confusion": [int(v) for v in personal_cm.reshape(-1)],
+    })
+    return Message(RecordDict({"metrics": metrics,
+                               SITE_RECORD_KEY: site_record(site.identity.name)}), reply_to=msg)

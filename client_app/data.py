@@ -1,0 +1,424 @@
+"""HAM10000 records, decoding to a cached uint8 tensor, transforms and DataLoaders.
+
+Each image is decoded once, straight to the training size, and kept as uint8 (in
+memory, and optionally in an on-disk .npy cache), so later epochs, rounds and processes
+only run the cheap tensor augmentations. Torch, torchvision and PIL only: no Flower.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import os
+import tempfile
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torchvision.transforms import v2
+
+from fedlsc_common.classes import CLASSES, IMAGENET_MEAN, IMAGENET_STD
+
+logger = logging.getLogger("flwr")  # shows up in Flower's logs without importing Flower
+
+
+METADATA_FILE = "HAM10000_metadata.csv"
+REQUIRED_COLUMNS: tuple[str, ...] = ("lesion_id", "image_id", "dx", "dataset")
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png")
+IMAGEFOLDER_SITE = "imagefolder"
+
+OnError = Literal["raise", "skip"]
+
+_CACHE_VERSION = "1"  # bump when the decoding changes, so old .npy caches are not reused
+_MEMORY_CACHE_ENTRIES = 4  # decoded sets kept per process (e.g. one site's train + test)
+_memory_cache: OrderedDict[str, tuple[torch.Tensor, tuple[int, ...]]] = OrderedDict()
+
+
+class DataError(ValueError):
+    """Input data that cannot be used: a bad row, label, folder or image."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One labelled image; ``site`` is the contributing hospital (HAM10000 ``dataset``)."""
+
+    path: Path
+    image_id: str
+    lesion_id: str
+    label: int
+    site: str
+
+
+def _check_on_error(on_error: str) -> None:
+    """Reject anything but "raise" and "skip"."""
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+
+
+def _report_skipped(skipped: list[str], total: int, what: str) -> None:
+    """One WARNING for everything left out, with the count and the first few reasons."""
+    if skipped:
+        first = "; ".join(skipped[:3]) + (" ..." if len(skipped) > 3 else "")
+        logger.warning("Skipped %d of %d %s: %s", len(skipped), total, what, first)
+
+
+def index_images(root: str | Path) -> dict[str, Path]:
+    """Map image stem -> path for every image below ``root``, the first in sorted order wins."""
+    index: dict[str, Path] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            stem, ext = os.path.splitext(name)
+            if ext.lower() in IMAGE_EXTENSIONS:
+                index.setdefault(stem, Path(dirpath, name))
+    return index
+
+
+def read_ham10000(
+    root: str | Path, *, on_error: OnError = "raise", verify: bool = False
+) -> list[Record]:
+    """Records of ``root/HAM10000_metadata.csv``, images found by ``image_id`` anywhere below root.
+
+    Works for the Dataverse layout (``HAM10000_images_part_{1,2}/``) and a flat
+    ``images/`` folder alike. Row problems (missing image, unknown ``dx``, duplicate or
+    empty ids) raise, or with ``on_error="skip"`` are left out with one WARNING.
+    ``verify=True`` also decodes every image to catch corrupt files now, not mid-training.
+    """
+    _check_on_error(on_error)
+    root = Path(root)
+    csv_path = root / METADATA_FILE
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"HAM10000 metadata not found: {csv_path}")
+    images = index_images(root)
+    records: list[Record] = []
+    skipped: list[str] = []
+    seen: set[str] = set()
+    with csv_path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or ())]
+        if missing:
+            raise DataError(f"{csv_path}: missing column(s) {', '.join(missing)}")
+        for row in reader:
+            where = f"{csv_path} row {reader.line_num}"
+            image_id, lesion_id = row["image_id"].strip(), row["lesion_id"].strip()
+            dx = row["dx"].strip().lower()
+            error: Exception | None = None
+            if not image_id or not lesion_id:
+                error = DataError(f"{where}: empty image_id or lesion_id")
+            elif dx not in CLASSES:
+                error = DataError(f"{where}: unknown dx {row['dx']!r} (expected one of {CLASSES})")
+            elif image_id in seen:
+                error = DataError(f"{where}: duplicate image_id {image_id}")
+            elif image_id not in images:
+                error = FileNotFoundError(f"{where}: no image file for {image_id} below {root}")
+            if error is not None:
+                if on_error == "raise":
+                    raise error
+                skipped.append(str(error))
+                continue
+            seen.add(image_id)
+            site = row["dataset"].strip()
+            records.append(Record(images[image_id], image_id, lesion_id, CLASSES.index(dx), site))
+    _report_skipped(skipped, len(records) + len(skipped), f"rows of {csv_path}")
+    return verify_images(records, on_error=on_error) if verify else records
+
+
+def read_image_folder(
+    root: str | Path, *, on_error: OnError = "raise", verify: bool = False
+) -> list[Record]:
+    """Records of ``root/CLASSNAME/*.jpg``; every class folder must be one of CLASSES.
+
+    Without lesion ids each image is its own lesion; the site is "imagefolder".
+    """
+    _check_on_error(on_error)
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    records: list[Record] = []
+    skipped: list[str] = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        if folder.name.lower() not in CLASSES:
+            error = DataError(f"{folder}: folder name is not a class (expected one of {CLASSES})")
+            if on_error == "raise":
+                raise error
+            skipped.append(str(error))
+            continue
+        label = CLASSES.index(folder.name.lower())
+        for path in sorted(folder.rglob("*")):
+            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+                records.append(Record(path, path.stem, path.stem, label, IMAGEFOLDER_SITE))
+    _report_skipped(skipped, len(skipped), f"folders of {root}")
+    if not records:
+        raise DataError(f"{root}: no images in class folders {CLASSES}")
+    return verify_images(records, on_error=on_error) if verify else records
+
+
+def read_records(
+    root: str | Path, *, on_error: OnError = "raise", verify: bool = False
+) -> list[Record]:
+    """HAM10000 layout when ``root`` holds the metadata CSV, else an image folder per class."""
+    if (Path(root) / METADATA_FILE).is_file():
+        return read_ham10000(root, on_error=on_error, verify=verify)
+    return read_image_folder(root, on_error=on_error, verify=verify)
+
+
+def load_image(path: str | Path, size: int) -> torch.Tensor:
+    """Decode an image to a uint8 3 x size x size tensor (squashed, so no lesion edge is cropped).
+
+    JPEG draft mode lets libjpeg decode at a reduced scale first, which is most of the speed.
+    """
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (size, size))
+            rgb = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for unreadable files
+        raise DataError(f"cannot decode image {path}: {e}") from e
+    return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()
+
+
+def _decoding_threads() -> int:
+    """PIL releases the GIL while decoding, so threads use every core."""
+    return min(8, os.cpu_count() or 1)
+
+
+def verify_images(records: Sequence[Record], *, on_error: OnError = "raise") -> list[Record]:
+    """Fully decode every image; a corrupt one raises, or with "skip" is left out with a WARNING."""
+    _check_on_error(on_error)
+
+    def check(record: Record) -> str | None:
+        try:
+            with Image.open(record.path) as image:
+                image.load()
+        except (OSError, SyntaxError, ValueError) as e:
+            return f"cannot decode image {record.path}: {e}"
+        return None
+
+    with ThreadPoolExecutor(_decoding_threads()) as pool:
+        problems = list(pool.map(check, records))
+    bad = [p for p in problems if p is not None]
+    if bad and on_error == "raise":
+        raise DataError(bad[0] + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
+    _report_skipped(bad, len(records), "images that do not decode")
+    return [r for r, p in zip(records, problems, strict=True) if p is None]
+
+
+def cache_key(records: Sequence[Record], image_size: int) -> str:
+    """Hash of the image list (path, size, mtime) and the training size: names a decoded set."""
+    h = hashlib.sha256(f"v{_CACHE_VERSION}|{image_size}\n".encode())
+    for r in records:
+        st = os.stat(r.path)
+        h.update(f"{os.path.abspath(r.path)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:32]
+
+
+def _read_disk_cache(path: Path, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """A cached array of the expected shape, or None (absent, unreadable or stale)."""
+    if not path.is_file():
+        return None
+    try:
+        array = np.load(path)
+    except (OSError, ValueError) as e:
+        logger.warning("Ignoring unreadable image cache %s: %s", path, e)
+        return None
+    if array.shape != shape or array.dtype != np.uint8:
+        logger.warning("Ignoring image cache %s: shape %s, expected %s", path, array.shape, shape)
+        return None
+    return torch.from_numpy(array)
+
+
+def _write_disk_cache(path: Path, images: torch.Tensor) -> None:
+    """Write the .npy atomically (tmp file + os.replace), so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, images.numpy())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def decode_images(
+    records: Sequence[Record],
+    image_size: int,
+    *,
+    cache_dir: str | Path | None = None,
+    on_error: OnError = "raise",
+) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Decode ``records`` once into an N x 3 x S x S uint8 tensor, reusing cached results.
+
+    Looks in this process's memory, then in ``cache_dir/<key>.npy``; decodes (threaded)
+    only on a miss. Returns the images and the indices of ``records`` they belong to
+    (all of them unless ``on_error="skip"`` dropped images that failed to decode).
+    """
+    _check_on_error(on_error)
+    key = cache_key(records, image_size)
+    if key in _memory_cache:
+        _memory_cache.move_to_end(key)
+        return _memory_cache[key]
+    shape = (len(records), 3, image_size, image_size)
+    disk = Path(cache_dir) / f"images-{image_size}px-{key}.npy" if cache_dir is not None else None
+    images = _read_disk_cache(disk, shape) if disk is not None else None
+    kept = tuple(range(len(records)))
+    if images is None:
+        images, kept = _decode_all(records, image_size, on_error)
+        if disk is not None and len(kept) == len(records):
+            _write_disk_cache(disk, images)
+        elif disk is not None:
+            logger.warning("Not writing image cache %s: some images did not decode", disk)
+    _memory_cache[key] = (images, kept)
+    while len(_memory_cache) > _MEMORY_CACHE_ENTRIES:
+        _memory_cache.popitem(last=False)
+    return images, kept
+
+
+def _decode_all(
+    records: Sequence[Record], image_size: int, on_error: OnError
+) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Decode every record with a thread pool; failures raise or are skipped."""
+
+    def decode(record: Record) -> torch.Tensor | str:
+        try:
+            return load_image(record.path, image_size)
+        except DataError as e:
+            if on_error == "raise":
+                raise
+            return str(e)
+
+    images = torch.empty((len(records), 3, image_size, image_size), dtype=torch.uint8)
+    kept: list[int] = []
+    skipped: list[str] = []
+    with ThreadPoolExecutor(_decoding_threads()) as pool:
+        for i, result in enumerate(pool.map(decode, records)):
+            if isinstance(result, str):
+                skipped.append(result)
+            else:
+                images[len(kept)] = result
+                kept.append(i)
+    _report_skipped(skipped, len(records), "images that do not decode")
+    return images[: len(kept)], tuple(kept)
+
+
+def build_transform(image_size: int, train: bool) -> v2.Compose:
+    """Resize (a no-op on cached images), augment when training, scale to float, ImageNet-normalise.
+
+    Dermoscopy has no canonical orientation, so both flips and rotations are label-safe.
+    """
+    augment = (
+        [
+            v2.RandomHorizontalFlip(),
+            v2.RandomVerticalFlip(),
+            v2.RandomRotation(20),
+            v2.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1),
+        ]
+        if train
+        else []
+    )
+    return v2.Compose(
+        [
+            v2.Resize((image_size, image_size), antialias=True),
+            *augment,
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+class ImageDataset(Dataset):
+    """(image, label) pairs from a pre-decoded uint8 tensor, or decoded per item when none."""
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        image_size: int,
+        transform: v2.Compose,
+        images: torch.Tensor | None = None,
+    ) -> None:
+        if images is not None and len(images) != len(records):
+            raise ValueError(f"{len(images)} images for {len(records)} records")
+        self.records, self.image_size = list(records), image_size
+        self.transform, self.images = transform, images
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        record = self.records[i]
+        if self.images is None:
+            return self.transform(load_image(record.path, self.image_size)), record.label
+        return self.transform(self.images[i]), record.label
+
+
+def class_counts(records: Iterable[Record], num_classes: int = len(CLASSES)) -> list[int]:
+    """Number of records per label."""
+    counts = Counter(r.label for r in records)
+    return [counts.get(k, 0) for k in range(num_classes)]
+
+
+def class_weights(records: Sequence[Record], num_classes: int = len(CLASSES)) -> torch.Tensor:
+    """Inverse-frequency weights for weighted CE: n / (present classes * count); absent: 0."""
+    counts = torch.tensor(class_counts(records, num_classes), dtype=torch.float32)
+    present = counts > 0
+    weights = torch.zeros(num_classes)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return weights
+
+
+def balanced_sampler(records: Sequence[Record], seed: int = 0) -> WeightedRandomSampler:
+    """Draw ``len(records)`` samples with replacement, every present class equally likely."""
+    counts = class_counts(records)
+    weights = torch.tensor([1.0 / counts[r.label] for r in records], dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    return WeightedRandomSampler(weights, len(records), replacement=True, generator=generator)
+
+
+def make_loader(
+    records: Sequence[Record],
+    image_size: int,
+    *,
+    train: bool,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    cache: bool | str | Path = True,
+    balanced: bool = False,
+    seed: int = 0,
+    on_error: OnError = "raise",
+    drop_last: bool = False,
+) -> DataLoader:
+    """A DataLoader of normalised float images and int64 labels.
+
+    ``cache``: True decodes everything once into memory (the default: augmentation then
+    runs on uint8 tensors); a path adds an on-disk .npy cache shared by later processes;
+    False decodes every item every epoch (for sets too large for memory). Training
+    loaders shuffle with ``seed``, or draw class-balanced batches when ``balanced``.
+    """
+    if not records:
+        raise ValueError("make_loader: no records")
+    images = None
+    if cache is not False:
+        cache_dir = None if cache is True else Path(cache)
+        images, kept = decode_images(records, image_size, cache_dir=cache_dir, on_error=on_error)
+        records = [records[i] for i in kept]
+    dataset = ImageDataset(records, image_size, build_transform(image_size, train), images)
+    sampler = balanced_sampler(records, seed) if train and balanced else None
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=train and sampler is None,
+        sampler=sampler,
+        num_workers=num_workers,
+        generator=generator,
+        drop_last=drop_last,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+    )

@@ -1,0 +1,240 @@
+"""One hospital's side of a run: who it is, its data, its model, its training, its own disk.
+
+A site keeps its latest locally trained weights (from which its personalized layers are
+restored), the list of personalized layers, and its personalized model in its output
+folder, so a restarted SuperNode picks up where it was without asking the server. The
+ClientApp (``client_app.app``) only turns messages into calls of :class:`Site`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from client_app.data import class_weights, make_loader
+from client_app.partition import load_site_split
+from client_app.training import TrainStats, lr_for_round, resolve_device, train_local
+from fedlsc_common.classes import CLASSES, IMAGENET_MEAN, IMAGENET_STD
+from fedlsc_common.settings import (
+    Settings,
+    image_cache_dir,
+    resolve_data_dir,
+    resolve_results_dir,
+)
+from fedlsc_common.storage import atomic_torch_save, atomic_write_json, save_model
+from fedlsc_flwr.model import build_model, prepare_for_device
+from fedlsc_flwr.wire import is_personalized, layer_of
+
+logger = logging.getLogger("flwr")
+
+LOCAL_STATE_FILE = "local_state.pt"
+PERSONALIZED_LIST_FILE = "personalized_layers.json"
+PERSONAL_MODEL_FILE = "personalized_model.pt"
+
+_SPLITS: dict[tuple, tuple[list, list]] = {}  # per-process caches across rounds
+_LOADERS: dict[tuple, Any] = {}
+
+
+def site_name(node_config: Mapping[str, Any]) -> str:
+    """The site's name: ``site-name`` from the node config, else ``site-<partition-id>``."""
+    pid = int(node_config.get("partition-id", 0))
+    return str(node_config.get("site-name", "") or f"site-{pid}")
+
+
+@dataclass(frozen=True)
+class SiteIdentity:
+    """Who this site is and where its files are, from the node config."""
+
+    name: str
+    partition_id: int
+    num_partitions: int
+    data_dir: Path
+    partition: str  # "dirichlet" / "site" (simulation: whole set) or "folder" (own folder)
+    output_dir: Path
+    previous_output_dir: Path | None = None  # the run resumed from, where its files are
+
+    @classmethod
+    def from_node_config(cls, node_config: dict[str, Any], settings: Settings,
+                         run_id: int) -> SiteIdentity:
+        pid = int(node_config.get("partition-id", 0))
+        own_folder = str(node_config.get("data-dir", ""))
+        partition = "folder" if own_folder else settings.partition.name
+        data_dir = resolve_data_dir(own_folder or settings.dataset.data_dir)
+        name = site_name(node_config)
+        if node_config.get("output-dir"):
+            output = Path(str(node_config["output-dir"]))
+        elif settings.site_output_dir:
+            output = Path(settings.site_output_dir) / name
+        else:
+            output = resolve_results_dir(settings.results_dir, run_id) / "sites" / name
+        num = int(node_config.get("num-partitions", settings.partition.num_partitions))
+        previous = None
+        if settings.resume_from and not node_config.get("output-dir") \
+                and not settings.site_output_dir:
+            previous = (Path(settings.resume_from) / "sites" / name).expanduser().resolve()
+        return cls(name, pid, num, data_dir, partition, output.expanduser().resolve(), previous)
+
+
+class Site:
+    """Data, model, training and storage of one site for one run."""
+
+    def __init__(self, settings: Settings, identity: SiteIdentity, device: torch.device) -> None:
+        self.settings = settings
+        self.identity = identity
+        self.device = device
+        identity.output_dir.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def for_run(cls, run_config: Mapping[str, Any], node_config: Mapping[str, Any],
+                run_id: int) -> Site:
+        """The site a SuperNode's ``--node-config`` describes, in the run ``run_config``."""
+        settings = Settings.from_run_config(run_config)
+        identity = SiteIdentity.from_node_config(dict(node_config), settings, run_id)
+        return cls(settings, identity, resolve_device(settings.device))
+
+    # ------------------------------------------------------------------ data
+    def loader(self, split: str) -> Any:
+        """The "train" or "test" (held-out) loader of this site, built on first use and
+        cached per process (a deployed ClientApp process only builds what it needs)."""
+        s, ident = self.settings, self.identity
+        key = (str(ident.data_dir), ident.partition, ident.partition_id, ident.num_partitions,
+               s.partition.beta, s.seed, s.dataset.test_fraction, s.partition.min_partition_size,
+               s.dataset.image_size, s.training.batch_size, s.dataset.on_error)
+        if (key, split) not in _LOADERS:
+            if key not in _SPLITS:
+                _SPLITS[key] = load_site_split(
+                    ident.data_dir, partition=ident.partition, partition_id=ident.partition_id,
+                    num_partitions=ident.num_partitions, beta=s.partition.beta, seed=s.seed,
+                    test_fraction=s.dataset.test_fraction,
+                    min_partition_size=s.partition.min_partition_size,
+                    on_error=s.dataset.on_error)
+            records = _SPLITS[key][0 if split == "train" else 1]
+            _LOADERS[(key, split)] = make_loader(
+                records, s.dataset.image_size, train=split == "train",
+                balanced=split == "train" and s.training.balanced_sampling,
+                batch_size=s.training.batch_size, num_workers=s.training.num_workers,
+                cache=image_cache_dir() if s.dataset.cache else False, seed=s.seed,
+                on_error=s.dataset.on_error)
+        return _LOADERS[(key, split)]
+
+    # ------------------------------------------------------------------ model
+    def new_model(self) -> nn.Module:
+        """The run's initial model, as the server builds it (same seed, same weights)."""
+        torch.manual_seed(self.settings.seed)
+        model = build_model(self.settings.model.backbone,
+                            num_classes=self.settings.model.num_classes,
+                            pretrained=self.settings.model.pretrained_source)
+        return prepare_for_device(model, self.device)
+
+    def assemble(self, received: dict[str, torch.Tensor], personalized: set[str],
+                 local: dict[str, torch.Tensor] | None, server_round: int = 1) -> nn.Module:
+        """The site's model: global values for what the server sent, its own (``local``,
+        its last trained weights) for the rest.
+
+        A site with no local weights at all (its first round in this run) starts its
+        personalized layers from the initial model, which it builds itself from the same
+        seed as the server; local weights that lack a personalized key are an error.
+        """
+        model = self.new_model()
+        state = model.state_dict()
+        name = self.identity.name
+        unknown = sorted(set(received) - set(state))
+        if unknown:
+            raise ValueError(f"{name}: the server sent keys this model lacks "
+                             f"({unknown[:5]}); do server and site use the same backbone?")
+        own_keys = [k for k in state if k not in received]
+        if own_keys:
+            if local is None:
+                fresh = sorted({layer_of(k) for k in own_keys if is_personalized(k, personalized)})
+                if fresh:
+                    logger.log(logging.WARNING if server_round > 1 else logging.INFO,
+                               "%s round %s: no local weights in %s yet: personalized layers "
+                               "%s start from the initial model%s", name, server_round,
+                               self.local_state_path, fresh[:5], "" if server_round <= 1 else
+                               " (a site new to this run, or its output folder was lost)")
+            else:
+                missing = [k for k in own_keys if k not in local]
+                if any(is_personalized(k, personalized) for k in missing):
+                    raise RuntimeError(
+                        f"{name}: personalized weights for {missing[:5]} are not in its "
+                        f"local weights ({self.local_state_path}); was it trained with "
+                        "another backbone?")
+                received = {**received, **{k: local[k] for k in own_keys if k in local}}
+        model.load_state_dict(received, strict=False)
+        return model
+
+    def train(self, model: nn.Module, shared_keys: set[str], server_round: int,
+              proximal_mu: float) -> tuple[TrainStats, float, int]:
+        """One round of local training (Eq. 7); returns the stats, the lr and the size of
+        the local training set. ``shared_keys`` are the parameters the proximal term
+        anchors to their global values."""
+        t = self.settings.training
+        loader = self.loader("train")
+        num_train = len(loader.dataset)
+        logger.info("%s round %s: training on %d images", self.identity.name, server_round,
+                    num_train)
+        anchor = {k: v.detach().clone() for k, v in model.named_parameters() if k in shared_keys}
+        lr = lr_for_round(t.lr, server_round, t.lr_step_rounds, t.lr_gamma)
+        # Same shuffling and augmentation for this site and round whichever process runs it.
+        round_seed = self.settings.seed * 1000 + server_round
+        torch.manual_seed(round_seed)
+        for generator in {id(g): g for g in (getattr(loader, "generator", None),
+                                              getattr(loader.sampler, "generator", None))
+                          if g is not None}.values():
+            generator.manual_seed(round_seed)
+        weights = class_weights(loader.dataset.records) if t.class_weighted_loss else None
+        stats = train_local(
+            model, loader, epochs=t.local_epochs, lr=lr, device=self.device,
+            proximal_mu=proximal_mu, anchor=anchor, class_weights=weights,
+            max_batches=t.max_batches_per_epoch,
+            label=f"{self.identity.name} round {server_round}")
+        return stats, lr, num_train
+
+    def model_info(self) -> dict[str, Any]:
+        return {"backbone": self.settings.model.backbone,
+                "image_size": self.settings.dataset.image_size,
+                "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+
+    # ------------------------------------------------------------------ disk
+    @property
+    def local_state_path(self) -> Path:
+        return self.identity.output_dir / LOCAL_STATE_FILE
+
+    def save_local_state(self, state: dict[str, torch.Tensor], server_round: int) -> None:
+        atomic_torch_save({"round": server_round, "state_dict": state}, self.local_state_path)
+
+    def _own_file(self, name: str) -> Path | None:
+        """This site's file ``name``: in its output folder, else in the run it resumes."""
+        for folder in (self.identity.output_dir, self.identity.previous_output_dir):
+            if folder is not None and (folder / name).is_file():
+                return folder / name
+        return None
+
+    def load_local_state(self) -> dict[str, torch.Tensor] | None:
+        path = self._own_file(LOCAL_STATE_FILE)
+        if path is None:
+            return None
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        logger.info("%s: restored local weights of round %s from %s", self.identity.name,
+                    blob["round"], path)
+        return blob["state_dict"]
+
+    def save_personalized_list(self, layers: list[str]) -> None:
+        atomic_write_json(self.identity.output_dir / PERSONALIZED_LIST_FILE, sorted(layers))
+
+    def load_personalized_list(self) -> list[str]:
+        path = self._own_file(PERSONALIZED_LIST_FILE)
+        return json.loads(path.read_text()) if path is not None else []
+
+    def save_personal_model(self, model: nn.Module, server_round: int,
+                            metrics: dict[str, float]) -> Path:
+        return save_model(self.identity.output_dir / PERSONAL_MODEL_FILE, model.state_dict(),
+                          **self.model_info(), class_names=list(CLASSES), round=server_round,
+                          kind="personalized", site=self.identity.name, metrics=metrics)

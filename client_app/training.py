@@ -1,0 +1,156 @@
+"""Local training and evaluation of one site, torch only (no Flower here).
+
+The proximal term (μ/2)·||w − w_g||² of FedProx/FedLSC (Eq. 7) is applied through its
+gradient μ·(w − w_g), added to the parameters' gradients with fused ``_foreach`` ops:
+the same update as putting the term in the loss, without a second autograd graph.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedlsc_flwr.model import autocast_context, inputs_to_device
+
+logger = logging.getLogger("flwr")
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` -> the site's GPU when it has one, else the CPU."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device '{spec}' asked for, but this site has no CUDA GPU")
+    return device
+
+
+def lr_for_round(base_lr: float, server_round: int, step_rounds: int, gamma: float) -> float:
+    """The paper's StepLR kept across rounds: lr·γ^⌊(round−1)/step⌋ (from the round number,
+    so a restarted site picks up the same schedule)."""
+    return base_lr * gamma ** ((max(server_round, 1) - 1) // step_rounds)
+
+
+@dataclass
+class TrainStats:
+    loss: float
+    accuracy: float
+    examples: int
+    seconds: float
+    proximal: float  # (μ/2)·||w − w_g||² at the end of training
+
+    @property
+    def images_per_second(self) -> float:
+        return self.examples / self.seconds if self.seconds > 0 else 0.0
+
+
+@torch.no_grad()
+def proximal_value(params: Iterable[torch.Tensor], anchors: Iterable[torch.Tensor],
+                   mu: float) -> float:
+    """(μ/2)·||w − w_g||² over the given parameter/anchor pairs."""
+    params, anchors = list(params), list(anchors)
+    if not params or mu == 0:
+        return 0.0
+    diffs = torch._foreach_sub(params, anchors)
+    norms = torch._foreach_norm(diffs)
+    return float(0.5 * mu * sum(float(n) ** 2 for n in norms))
+
+
+def add_proximal_gradient(params: list[torch.Tensor], anchors: list[torch.Tensor],
+                          mu: float) -> None:
+    """grad += μ·(w − w_g): the gradient of (μ/2)·||w − w_g||², in two fused ops."""
+    pairs = [(p, a) for p, a in zip(params, anchors) if p.grad is not None]
+    if mu > 0 and pairs:
+        with_grad, anchored = [p for p, _ in pairs], [a for _, a in pairs]
+        torch._foreach_add_([p.grad for p in with_grad],
+                            torch._foreach_sub(with_grad, anchored), alpha=mu)
+
+
+def train_local(
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    epochs: int,
+    lr: float,
+    device: torch.device,
+    proximal_mu: float = 0.0,
+    anchor: Mapping[str, torch.Tensor] | None = None,
+    class_weights: torch.Tensor | None = None,
+    max_batches: int = 0,
+    log_every_seconds: float = 30.0,
+    label: str = "site",
+) -> TrainStats:
+    """Adam on cross-entropy (+ the proximal term towards ``anchor`` = w_g, by name)."""
+    model.train()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    criterion = nn.CrossEntropyLoss(
+        weight=None if class_weights is None else class_weights.to(device))
+    named = dict(model.named_parameters())
+    prox_names = [n for n in (anchor or {}) if n in named and named[n].requires_grad]
+    prox_params = [named[n] for n in prox_names]
+    prox_anchors = [anchor[n].to(device) for n in prox_names] if anchor else []
+
+    total_loss, correct, seen, batches = 0.0, 0, 0, 0
+    start = last_log = time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        for step, (images, labels) in enumerate(loader, start=1):
+            images = inputs_to_device(images, device)
+            labels = labels.to(device, non_blocking=True)
+            with autocast_context(device):
+                logits = model(images)
+                loss = criterion(logits.float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            add_proximal_gradient(prox_params, prox_anchors, proximal_mu)
+            optimizer.step()
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"{label}: training loss became {loss_value} "
+                                         f"at epoch {epoch}, batch {step}")
+            n = labels.numel()
+            total_loss += loss_value * n
+            correct += int((logits.argmax(1) == labels).sum())
+            seen += n
+            batches += 1
+            now = time.perf_counter()
+            if now - last_log >= log_every_seconds:
+                logger.info("%s: epoch %d/%d, batch %d, loss %.4f, %.1f images/s", label,
+                            epoch, epochs, step, total_loss / seen, seen / (now - start))
+                last_log = now
+            if max_batches and step >= max_batches:
+                break
+    seconds = time.perf_counter() - start
+    stats = TrainStats(
+        loss=total_loss / max(seen, 1), accuracy=correct / max(seen, 1), examples=seen,
+        seconds=seconds, proximal=proximal_value(prox_params, prox_anchors, proximal_mu))
+    logger.info("%s: trained %d epoch(s), %d images in %.1f s (%.1f images/s), loss %.4f, "
+                "accuracy %.3f", label, epochs, seen, seconds, stats.images_per_second,
+                stats.loss, stats.accuracy)
+    return stats
+
+
+@torch.no_grad()
+def confusion_matrix(model: nn.Module, loader: Iterable, device: torch.device,
+                     num_classes: int) -> tuple[np.ndarray, float]:
+    """Rows = true class, columns = predicted class; and the mean cross-entropy."""
+    model.eval()
+    matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    total_loss, seen = 0.0, 0
+    for images, labels in loader:
+        images = inputs_to_device(images, device)
+        with autocast_context(device):
+            logits = model(images).float()
+        labels_dev = labels.to(device)
+        total_loss += float(nn.functional.cross_entropy(logits, labels_dev, reduction="sum"))
+        seen += labels.numel()
+        pred = logits.argmax(1).cpu()
+        matrix += torch.bincount(labels * num_classes + pred,
+                                 minlength=num_classes ** 2).reshape(num_classes, num_classes)
+    return matrix.numpy(), total_loss / max(seen, 1)

@@ -1,0 +1,337 @@
+"""The Hydra configuration in ``conf/`` <-> Flower's flat run config, and typed settings.
+
+``conf/`` is the one source of truth for every hyper-parameter. Flower wants flat scalar
+values with kebab-case keys; nested groups become dotted keys (``strategy.proximal-mu``),
+flattened and unflattened by Flower's own ``flatten_dict``/``unflatten_dict`` and written
+as TOML by ``tomli_w`` (:func:`run_config_toml`, :func:`pyproject_section`).
+``python -m fedlsc_common.settings`` prints the pyproject section generated from
+``conf/``; a test checks they agree.
+
+Where things are on a machine (not hyper-parameters) is resolved here too, and only here:
+the data folder (:func:`resolve_data_dir`), the decoded-image cache
+(:func:`image_cache_dir`) and the project checkout (:func:`project_root`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import tomli_w
+from flwr.common.config import flatten_dict, unflatten_dict
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+Scalar = bool | int | float | str
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message says what to change."""
+
+
+def compose(overrides: Sequence[str] = (), conf_dir: Path = CONF_DIR) -> dict[str, Any]:
+    """The Hydra configuration with ``overrides`` (Hydra syntax), as a plain nested dict."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides))
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def _keys_to(cfg: Mapping[str, Any], old: str, new: str) -> dict[str, Any]:
+    return {str(k).replace(old, new): _keys_to(v, old, new) if isinstance(v, Mapping) else v
+            for k, v in cfg.items()}
+
+
+def to_run_config(cfg: Mapping[str, Any]) -> dict[str, Scalar]:
+    """Nested snake_case config -> Flower's flat run config (dotted kebab-case keys)."""
+    try:
+        return flatten_dict(_keys_to(cfg, "_", "-"))
+    except ValueError as err:
+        raise ConfigError(f"config cannot be a Flower run config: {err}") from None
+
+
+def from_run_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """Flower's flat run config -> nested snake_case dict (inverse of :func:`to_run_config`)."""
+    return _keys_to(unflatten_dict(dict(run_config)), "-", "_")
+
+
+def run_config_toml(run_config: Mapping[str, Any]) -> str:
+    """A run-config file for ``flwr run --run-config FILE``: groups as TOML tables."""
+    return tomli_w.dumps(unflatten_dict(dict(run_config)))
+
+
+def pyproject_section(cfg: Mapping[str, Any]) -> str:
+    """The ``[tool.flwr.app.config]`` TOML text for the nested config ``cfg``."""
+    return tomli_w.dumps({"tool": {"flwr": {"app": {"config": _keys_to(cfg, "_", "-")}}}})
+
+
+# --------------------------------------------------------------------- typed settings
+@dataclass(frozen=True)
+class StrategySettings:
+    name: str
+    temperature: float
+    personalized_ratio: float
+    proximal_mu: float
+    granularity: str
+    max_update_norm_ratio: float
+    update_dtype: str
+
+
+@dataclass(frozen=True)
+class DatasetSettings:
+    name: str
+    data_dir: str
+    image_size: int
+    test_fraction: float
+    on_error: str
+    cache: bool
+
+
+@dataclass(frozen=True)
+class PartitionSettings:
+    name: str
+    num_partitions: int
+    beta: float
+    min_partition_size: int
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    backbone: str
+    pretrained: str
+    num_classes: int
+
+    @property
+    def pretrained_source(self) -> bool | str:
+        """``pretrained`` for :func:`fedlsc_flwr.model.build_model`: False, True or a path."""
+        return {"false": False, "": False, "true": True}.get(self.pretrained.lower(),
+                                                            self.pretrained)
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    local_epochs: int
+    batch_size: int
+    lr: float
+    lr_step_rounds: int
+    lr_gamma: float
+    max_batches_per_epoch: int
+    class_weighted_loss: bool
+    balanced_sampling: bool
+    num_workers: int
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every hyper-parameter of a run; built from the run config, values from ``conf/``."""
+
+    strategy: StrategySettings
+    dataset: DatasetSettings
+    partition: PartitionSettings
+    model: ModelSettings
+    training: TrainingSettings
+    num_server_rounds: int
+    seed: int
+    results_dir: str
+    resume_from: str
+    site_output_dir: str
+    target_accuracies: str
+    min_available_nodes: int
+    min_train_nodes: int
+    min_train_replies: int
+    round_timeout: int
+    wait_for_sites_seconds: int
+    device: str
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> Settings:
+        """Typed settings; a missing, unknown or ill-typed key raises :class:`ConfigError`."""
+        settings = _build(cls, from_run_config(run_config), "")
+        settings.validate()
+        return settings
+
+    @classmethod
+    def from_hydra(cls, overrides: Sequence[str] = ()) -> Settings:
+        return cls.from_run_config(to_run_config(compose(overrides)))
+
+    def to_run_config(self) -> dict[str, Scalar]:
+        return to_run_config(dataclasses.asdict(self))
+
+    @property
+    def targets(self) -> list[float]:
+        return [float(t) for t in self.target_accuracies.split(",") if t.strip()]
+
+    def build_strategy(self, **flower_kwargs: Any) -> Any:
+        """The strategy these settings name (a ``fedlsc_flwr`` strategy); a hyper-parameter
+        it refuses raises :class:`ConfigError` naming the run-config key."""
+        from fedlsc_flwr.model import CLASSIFIER_LAYER
+        from fedlsc_flwr.strategy import HyperParameterError, build_strategy
+
+        s = self.strategy
+        try:
+            return build_strategy(
+                s.name, temperature=s.temperature, personalized_ratio=s.personalized_ratio,
+                proximal_mu=s.proximal_mu, head_layer=CLASSIFIER_LAYER, granularity=s.granularity,
+                max_update_norm_ratio=s.max_update_norm_ratio, update_dtype=s.update_dtype,
+                min_train_nodes=self.min_train_nodes,
+                min_evaluate_nodes=self.min_train_nodes,
+                min_available_nodes=self.min_available_nodes,
+                min_train_replies=self.min_train_replies, **flower_kwargs)
+        except HyperParameterError as err:
+            key = "strategy." + err.name.replace("_", "-")
+            raise ConfigError(f"run config '{key}' = {err.value!r}: must be {err.requirement}"
+                              ) from None
+
+    def validate(self) -> None:
+        """Values that are well-typed but unusable: one clear line on what to change."""
+        from fedlsc_flwr.model import BACKBONES
+
+        checks = [
+            (self.model.backbone in BACKBONES, "model.backbone",
+             f"one of {', '.join(BACKBONES)}"),
+            (self.dataset.on_error in ("raise", "skip"), "dataset.on-error", "'raise' or 'skip'"),
+            (self.dataset.image_size >= 16, "dataset.image-size", "at least 16"),
+            (0 < self.dataset.test_fraction < 1, "dataset.test-fraction", "in (0, 1)"),
+            (self.partition.name in ("dirichlet", "site", "folder"), "partition.name",
+             "'dirichlet', 'site' or 'folder'"),
+            (self.partition.num_partitions >= 1, "partition.num-partitions", "at least 1"),
+            (self.partition.beta > 0, "partition.beta", "a number > 0"),
+            (self.num_server_rounds >= 1, "num-server-rounds", "at least 1"),
+            (self.training.local_epochs >= 1, "training.local-epochs", "at least 1"),
+            (self.training.batch_size >= 1, "training.batch-size", "at least 1"),
+            (self.training.lr > 0, "training.lr", "a number > 0"),
+            (self.training.lr_step_rounds >= 1, "training.lr-step-rounds", "at least 1"),
+            (self.min_train_nodes >= 1, "min-train-nodes", "at least 1"),
+            (self.min_available_nodes >= self.min_train_nodes, "min-available-nodes",
+             f"at least min-train-nodes ({self.min_train_nodes})"),
+            (1 <= self.min_train_replies <= self.min_train_nodes, "min-train-replies",
+             f"between 1 and min-train-nodes ({self.min_train_nodes})"),
+            (self.round_timeout >= 1, "round-timeout", "at least 1 (seconds)"),
+            (self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"), "device",
+             "'auto', 'cpu', 'cuda' or 'cuda:N'"),
+        ]
+        for ok, key, expected in checks:
+            if not ok:
+                value = _lookup(self, key)
+                raise ConfigError(f"run config '{key}' = {value!r}: must be {expected}")
+        self.build_strategy()  # the strategies check their own hyper-parameters
+        try:
+            _ = self.targets
+        except ValueError:
+            raise ConfigError(f"run config 'target-accuracies' = {self.target_accuracies!r}: "
+                              "must be comma-separated numbers, e.g. '0.7,0.8'") from None
+
+
+def project_root() -> Path | None:
+    """The source checkout to run: $FEDLSC_PROJECT_DIR, else the one this package was
+    installed from (editable installs), if any.
+
+    Flower runs apps from a copy under FLWR_HOME, so ``__file__`` does not say where the
+    checkout is; pip's ``direct_url.json`` does.
+    """
+    import importlib.metadata
+    import json
+    import os
+    from urllib.parse import unquote, urlparse
+
+    if os.environ.get("FEDLSC_PROJECT_DIR"):  # another checkout than the installed one
+        return Path(os.environ["FEDLSC_PROJECT_DIR"]).resolve()
+    try:
+        text = importlib.metadata.distribution("fedlsc-flwr").read_text("direct_url.json")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    if not text:
+        return None
+    url = json.loads(text).get("url", "")
+    return Path(unquote(urlparse(url).path)) if url.startswith("file://") else None
+
+
+def resolve_data_dir(setting: str) -> Path:
+    """The HAM10000 folder: the setting, else $FEDLSC_DATA_DIR, else ../shared/data/ham10000
+    beside the project checkout."""
+    import os
+
+    if setting:
+        path = Path(setting).expanduser()
+        if not path.is_dir():
+            raise ConfigError(f"dataset.data-dir = {setting!r}: no such folder")
+        return path.resolve()
+    candidates = []
+    if os.environ.get("FEDLSC_DATA_DIR"):
+        candidates.append(Path(os.environ["FEDLSC_DATA_DIR"]))
+    if (root := project_root()) is not None:
+        candidates.append(root.parent / "shared" / "data" / "ham10000")
+    for path in candidates:
+        if path.is_dir():
+            return path.resolve()
+    raise ConfigError("no HAM10000 folder found: set run config 'dataset.data-dir' or "
+                      "FEDLSC_DATA_DIR (looked in: " + ", ".join(map(str, candidates)) + ")")
+
+
+def image_cache_dir() -> Path:
+    """Decoded images at training size, shared by runs on this machine (keyed by content):
+    $FEDLSC_CACHE_DIR, else ~/.cache/fedlsc-flwr."""
+    import os
+
+    return Path(os.environ.get("FEDLSC_CACHE_DIR", Path.home() / ".cache" / "fedlsc-flwr"))
+
+
+def resolve_results_dir(setting: str, run_id: int) -> Path:
+    """``results-dir``, or ``results/run-<run id>`` under the working directory."""
+    return Path(setting).expanduser().resolve() if setting else (
+        Path.cwd() / "results" / f"run-{run_id}").resolve()
+
+
+def _lookup(settings: Settings, dotted: str) -> Any:
+    node: Any = settings
+    for part in dotted.split("."):
+        node = getattr(node, part.replace("-", "_"))
+    return node
+
+
+def _build(cls: type, values: Mapping[str, Any], where: str) -> Any:
+    hints = get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    unknown = [k for k in values if k not in names]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(key, names, n=1)
+        hint = f" (did you mean '{where}{close[0].replace('_', '-')}'?)" if close else ""
+        raise ConfigError(f"run config has unknown key '{where}{key.replace('_', '-')}'{hint}")
+    kwargs = {}
+    for name in names:
+        key = f"{where}{name.replace('_', '-')}"
+        if name not in values:
+            raise ConfigError(f"run config is missing key '{key}'")
+        hint = hints[name]
+        value = values[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"run config '{key}' must be a group of keys")
+            kwargs[name] = _build(hint, value, key + ".")
+            continue
+        if hint is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+            raise ConfigError(
+                f"run config '{key}' = {value!r}: expected {hint.__name__}, "
+                f"got {type(value).__name__}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Print the ``[tool.flwr.app.config]`` section generated from ``conf/``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    sys.stdout.write(pyproject_section(compose(args)))
+
+
+if __name__ == "__main__":
+    main()

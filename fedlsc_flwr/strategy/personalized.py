@@ -1,0 +1,327 @@
+"""PersonalizedFedAvg: FedAvg whose personalized layers never leave the sites.
+
+It sends only the shared layers, checks every reply in Flower's reply-checking hook
+(``_check_and_log_replies``) and averages the shared layers by examples: the FedAvg-FC /
+FedProx-FC baselines of the paper, and the base of :class:`~fedlsc_flwr.strategy.FedLSC`,
+which changes only :meth:`PersonalizedFedAvg._aggregate_shared`. ``LocalOnly`` shares
+nothing after handing out the initial model. The array math lives in
+:mod:`fedlsc_flwr.similarity`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from logging import INFO
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedlsc_flwr.similarity import (
+    HyperParameterError,
+    Layer,
+    average_layers,
+    check_granularity,
+    group_layers,
+    is_buffer,
+)
+from fedlsc_flwr.strategy.site_tracking import SiteTracking
+from fedlsc_flwr.wire import (
+    PERSONALIZED_LAYERS_KEY,
+    PROXIMAL_MU_KEY,
+    UPDATE_DTYPE_KEY,
+    UPDATE_DTYPES,
+    array_from_numpy,
+    array_view,
+    decode_update,
+)
+
+
+class PersonalizedFedAvg(SiteTracking, FedAvg):
+    """FedAvg whose ``personalized_layers`` never leave the sites.
+
+    Replies that are errors, lack or add keys, have the wrong shape or dtype, hold
+    NaN/Inf, or carry no positive example count are dropped with a WARNING naming
+    the site and the key; the round goes on with the rest, as long as at least
+    ``min_train_replies`` replies are usable (else the global model is kept). The
+    returned ArrayRecord holds every key of the global model: personalized layers keep
+    their last global value.
+    """
+
+    def __init__(
+        self,
+        personalized_layers: Iterable[str] = (),
+        proximal_mu: float = 0.0,
+        granularity: str = "layer",
+        *,
+        max_update_norm_ratio: float = 0.0,
+        update_dtype: str = "float32",
+        **fedavg_kwargs: Any,
+    ) -> None:
+        if update_dtype not in UPDATE_DTYPES:
+            raise HyperParameterError("update_dtype", update_dtype, "'float32' or 'float16'")
+        if not max_update_norm_ratio >= 0:
+            raise HyperParameterError("max_update_norm_ratio", max_update_norm_ratio,
+                                      ">= 0 (0 = off)")
+        if not proximal_mu >= 0:
+            raise HyperParameterError("proximal_mu", proximal_mu, "a number >= 0")
+        check_granularity(granularity)
+        super().__init__(**fedavg_kwargs)
+        self.proximal_mu = float(proximal_mu)
+        self.granularity = granularity
+        self.max_update_norm_ratio = float(max_update_norm_ratio)
+        self.update_dtype = update_dtype
+        self.personalized_layers = frozenset(personalized_layers)
+        self._global: ArrayRecord | None = None
+        self._sent_keys: list[str] = []
+        self._checked: dict[int, dict[str, np.ndarray]] = {}  # id(reply) -> its arrays as views
+
+    # ------------------------------------------------------------------ configure
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Remember ``arrays`` as w_g; send only the shared layers, and name the private ones."""
+        self._global = arrays
+        layers = self._layers(arrays)
+        unknown = self.personalized_layers - {layer.name for layer in layers}
+        if unknown:
+            raise ValueError(
+                f"personalized layers not in the model: {sorted(unknown)[:5]}"
+            )
+        shared = [layer for layer in layers if layer.name not in self.personalized_layers]
+        self._sent_keys = [k for layer in shared for k in _keys(layer)]
+        config[PROXIMAL_MU_KEY] = self.proximal_mu
+        config[PERSONALIZED_LAYERS_KEY] = sorted(self.personalized_layers)
+        config[UPDATE_DTYPE_KEY] = self.update_dtype
+        outgoing = (
+            arrays
+            if len(self._sent_keys) == len(arrays)
+            else ArrayRecord({k: arrays[k] for k in self._sent_keys})
+        )
+        return super().configure_train(server_round, outgoing, config, grid)
+
+    # ------------------------------------------------------------------ aggregate
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate the shared layers of the usable replies; keep the rest."""
+        if self._global is None:
+            raise RuntimeError("aggregate_train called before configure_train")
+        replies = self._received("train", server_round, replies)
+        accepted, _ = self._check_and_log_replies(replies, is_train=True)
+        states = [self._checked.pop(id(m)) for m in accepted]
+        self._checked.clear()
+        counts = {"num-replies-accepted": len(accepted),
+                  "num-replies-dropped": len(replies) - len(accepted)}
+        if self._too_few(server_round, len(accepted)):
+            return None, MetricRecord(counts)
+
+        global_state = {k: array_view(self._global[k]) for k in self._global}
+        shared = [
+            layer for layer in self._layers(self._global)
+            if layer.name not in self.personalized_layers
+        ]
+        examples = np.array(
+            [float(_metrics(m)[self.weighted_by_key]) for m in accepted], dtype=np.float64
+        )
+        node_ids = [m.metadata.src_node_id for m in accepted]
+        new_state, extra = self._aggregate_shared(
+            server_round, global_state, states, node_ids, shared, examples / examples.sum()
+        )
+        record = ArrayRecord(
+            {
+                k: array_from_numpy(new_state[k]) if k in new_state else self._global[k]
+                for k in self._global
+            }
+        )
+        metrics = self.train_metrics_aggr_fn([m.content for m in accepted], self.weighted_by_key)
+        for key, value in {**counts, "num-personalized-layers": len(self.personalized_layers),
+                           **extra}.items():
+            metrics[key] = value
+        return record, metrics
+
+    def _aggregate_shared(
+        self,
+        server_round: int,
+        global_state: Mapping[str, np.ndarray],
+        states: list[dict[str, np.ndarray]],
+        node_ids: list[int],
+        shared: list[Layer],
+        example_weights: np.ndarray,
+    ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """New values of the shared tensors, and extra metrics. Here: FedAvg by examples."""
+        return average_layers(global_state, states, shared, example_weights), {}
+
+    def _check_and_log_replies(
+        self, replies: Iterable[Message], is_train: bool, validate: bool = True
+    ) -> tuple[list[Message], list[Message]]:
+        """Flower's hook: split off error replies (Flower logs them), then drop, with a
+        WARNING naming the site, every training reply that cannot be aggregated, instead
+        of failing the round as Flower's consistency check would."""
+        valid, errors = super()._check_and_log_replies(replies, is_train, validate=False)
+        if not is_train:
+            return valid, errors
+        assert self._global is not None
+        expected = {k: self._global[k] for k in self._sent_keys}
+        global_views = {k: array_view(v) for k, v in expected.items()}
+        float32_sizes = [v.size for v in global_views.values() if v.dtype == np.float32]
+        scratch = np.empty(max(float32_sizes, default=0) if self.max_update_norm_ratio else 0,
+                           np.float32)
+        accepted: list[Message] = []
+        norms: list[float] = []
+        server_round = self.current_round
+        for msg in valid:
+            problem, state, norm = self._check_reply(msg, expected, global_views, scratch)
+            if problem:
+                self._failed("train", server_round, msg.metadata.src_node_id,
+                             f"dropped the reply: {problem}")
+                errors.append(msg)
+                continue
+            accepted.append(msg)
+            self._checked[id(msg)] = state
+            norms.append(norm)
+        if self.max_update_norm_ratio > 0 and len(accepted) >= 3:
+            median = float(np.median(norms))
+            limit = self.max_update_norm_ratio * median
+            for msg, norm in zip(list(accepted), norms):
+                if norm > limit:
+                    self._failed("train", server_round, msg.metadata.src_node_id,
+                                 f"dropped the reply: update norm {norm:.4g} is "
+                                 f"{norm / max(median, 1e-30):.1f} x the median "
+                                 f"(limit {self.max_update_norm_ratio:g} x)")
+                    accepted.remove(msg)
+                    errors.append(msg)
+        log(INFO, "aggregate_train: %s replies accepted, %s dropped",
+            len(accepted), len(valid) - len(accepted))
+        return accepted, errors
+
+    def _check_reply(
+        self, msg: Message, expected: Mapping[str, Array],
+        global_views: Mapping[str, np.ndarray], scratch: np.ndarray,
+    ) -> tuple[str | None, dict[str, np.ndarray], float]:
+        """Why a reply cannot be aggregated (None if it can), its arrays as views, and the
+        norm of its update (parameters only)."""
+        content = msg.content
+        if self.arrayrecord_key not in content.array_records:
+            return f"no ArrayRecord under '{self.arrayrecord_key}'", {}, 0.0
+        if len(content.metric_records) != 1:
+            return f"expected one MetricRecord, found {len(content.metric_records)}", {}, 0.0
+        count = _metrics(msg).get(self.weighted_by_key)
+        if isinstance(count, list) or count is None or not count > 0:
+            return (f"metric '{self.weighted_by_key}' missing or not positive ({count!r})",
+                    {}, 0.0)
+        arrays = content.array_records[self.arrayrecord_key]
+        missing = [k for k in expected if k not in arrays]
+        if missing:
+            return f"missing keys {missing[:3]}{' …' if len(missing) > 3 else ''}", {}, 0.0
+        extra = [k for k in arrays if k not in expected]
+        if extra:
+            return (f"unexpected keys {extra[:3]}{' …' if len(extra) > 3 else ''} "
+                    "(personalized or unknown layers)"), {}, 0.0
+        state: dict[str, np.ndarray] = {}
+        squared_norm = 0.0
+        for key, ref in expected.items():
+            got = arrays[key]
+            as_delta = self.update_dtype == "float16" and np.dtype(ref.dtype).kind == "f"
+            dtype = "float16" if as_delta else ref.dtype
+            if tuple(got.shape) != tuple(ref.shape) or got.dtype != dtype:
+                return (f"key '{key}' has shape {tuple(got.shape)} {got.dtype}, "
+                        f"expected {tuple(ref.shape)} {dtype}"), {}, 0.0
+            try:
+                value = array_view(got)
+            except (ValueError, TypeError) as err:
+                return f"key '{key}' cannot be read: {err}", {}, 0.0
+            if as_delta:
+                value = decode_update(value, global_views[key])
+            if np.issubdtype(value.dtype, np.floating):
+                if is_buffer(key) or not self.max_update_norm_ratio:
+                    finite = _all_finite(value)
+                else:  # the norm filter needs ||Δw||: one more pass, only when it is on
+                    step = _squared_distance(value, global_views[key], scratch)
+                    finite = math.isfinite(step) or bool(np.isfinite(value).all())
+                    squared_norm += step
+                if not finite:
+                    return f"key '{key}' holds NaN or Inf values", {}, 0.0
+                if not math.isfinite(squared_norm):
+                    return f"key '{key}' holds an update too large to measure", {}, 0.0
+            state[key] = value
+        return None, state, math.sqrt(squared_norm)
+
+    # ------------------------------------------------------------------ state
+    def _layers(self, arrays: ArrayRecord) -> list[Layer]:
+        return group_layers({k: _ArrayMeta(arrays[k]) for k in arrays}, self.granularity)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint must hold to resume this strategy."""
+        return {"personalized_layers": sorted(self.personalized_layers)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.personalized_layers = frozenset(state["personalized_layers"])
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> Personalization:")
+        log(INFO, "\t│\t├── Personalized layers: %s", sorted(self.personalized_layers) or "none")
+        log(INFO, "\t│\t├── Granularity: %s", self.granularity)
+        log(INFO, "\t│\t├── Updates sent as: %s", "float16 deltas" if self.update_dtype ==
+            "float16" else "float32 weights")
+        log(INFO, "\t│\t├── Update norm limit: %s", f"{self.max_update_norm_ratio:g} x median"
+            if self.max_update_norm_ratio else "off")
+        log(INFO, "\t│\t└── Proximal mu: %s", self.proximal_mu)
+        super().summary()
+
+
+class LocalOnly(PersonalizedFedAvg):
+    """Each site trains on its own: round 1 hands every site the same initial model,
+    after which every layer is personalized and nothing is exchanged."""
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        messages = super().configure_train(server_round, arrays, config, grid)
+        self.personalized_layers = frozenset(layer.name for layer in self._layers(arrays))
+        return messages
+
+
+# ---------------------------------------------------------------------- helpers
+class _ArrayMeta:
+    """Shape and dtype of an Array without reading its bytes (for layer grouping)."""
+
+    __slots__ = ("dtype", "shape", "size")
+
+    def __init__(self, array: Array) -> None:
+        self.dtype = np.dtype(array.dtype)
+        self.shape = tuple(array.shape)
+        self.size = math.prod(self.shape)
+
+
+def _keys(layer: Layer) -> tuple[str, ...]:
+    return layer.params + layer.buffers + layer.counters
+
+
+def _metrics(msg: Message) -> MetricRecord:
+    return next(iter(msg.content.metric_records.values()))
+
+
+def _squared_distance(value: np.ndarray, reference: np.ndarray, scratch: np.ndarray) -> float:
+    """||value − reference||² through a reused float32 buffer (no allocation per array).
+    NaN/Inf anywhere makes it non-finite."""
+    if value.dtype == np.float32 and reference.dtype == np.float32:
+        diff = scratch[: value.size]
+        np.subtract(value.reshape(-1), reference.reshape(-1), out=diff)
+    else:
+        diff = (value.astype(np.float64) - reference).reshape(-1)
+    return float(np.dot(diff, diff))
+
+
+def _all_finite(value: np.ndarray) -> bool:
+    """NaN/Inf check. A BLAS sum of squares is finite when every element is (fast path);
+    when it is not, an exact element-wise check decides (a square can overflow)."""
+    flat = value.reshape(-1)
+    if math.isfinite(float(np.dot(flat, flat))):
+        return True
+    return bool(np.isfinite(flat).all())

@@ -1,0 +1,125 @@
+"""The coordinator's Flower ServerApp: settings -> strategy and initial model -> rounds.
+
+Every round is recorded (:mod:`server_app.recorder`); ``resume-from`` continues a stopped
+run from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from logging import ERROR, INFO
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from fedlsc_common.classes import CLASSES, IMAGENET_MEAN, IMAGENET_STD
+from fedlsc_common.settings import ConfigError, Settings, resolve_data_dir, resolve_results_dir
+from fedlsc_common.storage import FolderInUse, atomic_write_text, load_checkpoint, lock_folder
+from fedlsc_flwr.metrics import pooled_evaluate_metrics
+from fedlsc_flwr.model import build_model
+from fedlsc_flwr.wire import array_from_numpy
+from server_app.recorder import MeteredGrid, RecordedStrategy, RunRecorder, read_rows
+
+app = ServerApp()
+
+
+def wait_for_sites(grid: Grid, needed: int, timeout_s: float) -> None:
+    """Fail with one clear line when fewer than ``needed`` sites connect in time."""
+    deadline = time.monotonic() + timeout_s
+    while (connected := len(list(grid.get_node_ids()))) < needed:
+        if time.monotonic() > deadline:
+            raise ConfigError(
+                f"only {connected} site(s) connected after {timeout_s:.0f} s, but "
+                f"min-available-nodes = {needed}: start more SuperNodes (or set "
+                f"num-supernodes >= {needed} in simulation), or lower min-available-nodes")
+        time.sleep(1.0)
+
+
+def initial_arrays(settings: Settings) -> ArrayRecord:
+    torch.manual_seed(settings.seed)
+    model = build_model(settings.model.backbone, num_classes=settings.model.num_classes,
+                        pretrained=settings.model.pretrained_source)
+    return ArrayRecord({k: array_from_numpy(v.detach().cpu().numpy())
+                        for k, v in model.state_dict().items()})
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    try:
+        settings = Settings.from_run_config(context.run_config)
+        if settings.dataset.data_dir:  # sites read it in simulation: fail here, once
+            resolve_data_dir(settings.dataset.data_dir)
+    except ConfigError as err:
+        log(ERROR, "Configuration error: %s", err)
+        raise
+    results_dir = resolve_results_dir(settings.results_dir, context.run_id)
+    try:
+        lock = lock_folder(results_dir)  # held until this process ends
+    except FolderInUse as err:
+        log(ERROR, "%s", err)
+        raise
+    log(INFO, "Results go to %s", results_dir)
+
+    strategy = settings.build_strategy(evaluate_metrics_aggr_fn=functools.partial(
+        pooled_evaluate_metrics, class_names=CLASSES))
+
+    done, rows = 0, []
+    if settings.resume_from:
+        checkpoint = load_checkpoint(Path(settings.resume_from) / "checkpoint.pt")
+        done = int(checkpoint["round"])
+        arrays = ArrayRecord({k: array_from_numpy(v.numpy())
+                              for k, v in checkpoint["arrays"].items()})
+        strategy.load_state_dict(checkpoint["strategy_state"])
+        rows = [r for r in read_rows(Path(settings.resume_from) / "metrics.jsonl")
+                if r["round"] <= done]
+        _truncate_similarity(Path(settings.resume_from), results_dir, done)
+        log(INFO, "Resuming from %s after round %s", settings.resume_from, done)
+    else:
+        arrays = initial_arrays(settings)
+    remaining = settings.num_server_rounds - done
+    if remaining <= 0:
+        log(INFO, "Nothing to do: %s of %s rounds already done", done,
+            settings.num_server_rounds)
+        return
+
+    wait_for_sites(grid, settings.min_available_nodes, settings.wait_for_sites_seconds)
+    metered = MeteredGrid(grid)
+    recorded = RecordedStrategy(strategy)
+    recorder = RunRecorder(
+        results_dir, strategy=recorded, grid=metered, run_config=dict(context.run_config),
+        strategy_name=settings.strategy.name, round_offset=done,
+        model_info={"backbone": settings.model.backbone,
+                    "image_size": settings.dataset.image_size,
+                    "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        class_names=list(CLASSES), targets=settings.targets, previous_rows=rows)
+    recorded.start(grid=metered, initial_arrays=arrays, num_rounds=remaining,
+                   timeout=float(settings.round_timeout),
+                   train_config=ConfigRecord({"round-offset": done}),
+                   evaluate_config=ConfigRecord({"round-offset": done}),
+                   evaluate_fn=recorder)
+    summary = recorder.finish()
+    lock.close()
+    if summary["rounds_aggregated"] == 0:
+        raise RuntimeError(
+            f"no round of this run was aggregated: no site sent a usable training reply "
+            f"(see 'failures' in {results_dir / 'metrics.jsonl'} and the sites' logs)")
+    final = summary["final"]["global"]
+    log(INFO, "Finished: global model balanced accuracy %.4f, accuracy %.4f on the pooled "
+        "held-out data; personalized models mean balanced accuracy %.4f. Files in %s",
+        final.get("balanced-accuracy", float("nan")), final.get("accuracy", float("nan")),
+        summary["final"]["personalized"].get("balanced-accuracy", float("nan")), results_dir)
+
+
+def _truncate_similarity(source: Path, target: Path, done: int) -> None:
+    """Keep the similarity rows of rounds already done (no round is counted twice)."""
+    path = source / "similarity.jsonl"
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line)["round"] <= done]
+    atomic_write_text(target / "similarity.jsonl", "".join(line + "\n" for line in kept))

@@ -1,0 +1,74 @@
+"""Plots of a run's results (matplotlib, headless); each written atomically as PNG."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import matplotlib.ticker
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from fedlsc_common.storage import atomic_write  # noqa: E402
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return atomic_write(path, lambda f: f.write(buffer.getvalue()))
+
+
+def plot_accuracy(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str = "") -> Path:
+    """Accuracy and balanced accuracy per round, global model and personalized models."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    rounds = [r["round"] for r in rows]
+    for group, style in (("global", "-"), ("personalized", "--")):
+        for metric, color in (("accuracy", "tab:blue"), ("balanced-accuracy", "tab:orange")):
+            values = [r.get(group, {}).get(metric) for r in rows]
+            if any(v is not None for v in values):
+                ax.plot(rounds, [np.nan if v is None else v for v in values], style,
+                        color=color, marker="o", ms=3, label=f"{group} {metric}")
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_ylabel("held-out score")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:  # nothing to plot when no round was evaluated
+        ax.legend(fontsize=8)
+    ax.set_title(title or "accuracy per round")
+    return _save(fig, path)
+
+
+def plot_similarity_heatmap(report: Mapping[str, Any], path: str | Path) -> Path:
+    """Mean similarity s̄_i per layer (rows) and client (columns); personalized layers marked."""
+    personalized = set(report.get("personalized_layers", []))
+    # after stage 1 the personalized layers are no longer compared: grey rows
+    layers = list(report["layers"]) + sorted(personalized - set(report["layers"]))
+    width = len(next(iter(report["layers"].values()))["mean_similarity"])
+    sims = np.array([report["layers"][name]["mean_similarity"] if name in report["layers"]
+                     else [np.nan] * width for name in layers])
+    height = min(max(3.0, 0.12 * len(layers)), 40.0)
+    fig, ax = plt.subplots(figsize=(2.5 + 1.2 * sims.shape[1], height))
+    cmap = matplotlib.colormaps["RdBu"].copy()
+    cmap.set_bad("lightgrey")
+    image = ax.imshow(np.ma.masked_invalid(sims), aspect="auto", cmap=cmap, vmin=-1, vmax=1,
+                      interpolation="nearest")
+    ax.set_xticks(range(sims.shape[1]),
+                  [f"node …{str(n)[-4:]}" for n in report.get("node_ids", range(sims.shape[1]))],
+                  rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(len(layers)),
+                  [("★ " if name in personalized else "") + name for name in layers],
+                  fontsize=max(3, min(8, int(600 / max(len(layers), 1)))))
+    for row, name in enumerate(layers):
+        if name in personalized:
+            ax.get_yticklabels()[row].set_color("crimson")
+    fig.colorbar(image, ax=ax, label="mean cosine similarity of updates")
+    ax.set_title(f"layer similarity, round {report.get('round')} "
+                 "(★ personalized: kept on the sites, grey once no longer compared)", fontsize=9)
+    return _save(fig, path)

@@ -1,0 +1,153 @@
+"""The ClientApp called in-process with real Flower messages on a small generated site."""
+
+from __future__ import annotations
+
+import csv
+import logging
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from PIL import Image
+
+from client_app import app as client_app
+from fedlsc_common.settings import compose, to_run_config
+from fedlsc_flwr.model import build_model
+from fedlsc_flwr.similarity import layer_of
+from fedlsc_flwr.strategy import STRATEGY_NAMES, build_strategy
+from fedlsc_flwr.wire import array_from_numpy
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+CLASSES = ["nv", "mel", "bkl", "bcc"]
+
+
+@pytest.fixture
+def site(tmp_path):
+    folder = tmp_path / "data"
+    (folder / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    with open(folder / "HAM10000_metadata.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["lesion_id", "image_id", "dx", "dx_type", "age", "sex",
+                         "localization", "dataset"])
+        for i in range(40):
+            writer.writerow([f"HAM_{i:07d}", f"ISIC_{i:07d}", CLASSES[i % 4], "histo", 40,
+                             "male", "back", "site-a"])
+            Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(
+                folder / "images" / f"ISIC_{i:07d}.jpg")
+    flat = to_run_config(compose(["dataset.image_size=32", "training.batch_size=8",
+                                  "training.max_batches_per_epoch=2"]))
+    node = {"partition-id": 0, "num-partitions": 1, "site-name": "site-a",
+            "data-dir": str(folder), "output-dir": str(tmp_path / "out")}
+    return flat, node, tmp_path / "out"
+
+
+def _global_arrays(skip_layers=()):
+    torch.manual_seed(0)
+    state = build_model("resnet10t_sa", num_classes=7).state_dict()
+    return ArrayRecord({k: array_from_numpy(v.numpy()) for k, v in state.items()
+                        if layer_of(k) not in skip_layers})
+
+
+def _train(flat, node, arrays, server_round, personalized=(), state=None):
+    context = Context(run_id=1, node_id=1, node_config=node, state=state or RecordDict(),
+                      run_config=flat)
+    config = ConfigRecord({"server-round": server_round, "proximal-mu": 0.01,
+                           "personalized-layers": sorted(personalized)})
+    msg = Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=1,
+                  message_type=MessageType.TRAIN)
+    return client_app.train(msg, context), context
+
+
+def test_same_round_gives_the_same_update_whatever_ran_before(site):
+    flat, node, _ = site
+    first, _ = _train(flat, node, _global_arrays(), 1)
+    _train(flat, node, _global_arrays(), 2)  # advances the cached loader's generators
+    again, _ = _train(flat, node, _global_arrays(), 1)
+    a, b = first.content["arrays"], again.content["arrays"]
+    assert set(a) == set(_global_arrays())
+    for key in a:
+        np.testing.assert_array_equal(a[key].numpy(), b[key].numpy(), err_msg=key)
+    metrics = first.content["metrics"]
+    assert metrics["num-examples"] == 2 * 8 and metrics["proximal-term"] > 0
+
+
+def test_restarted_site_restores_personalized_layers_from_its_own_disk(site, flwr_logs):
+    flat, node, out = site
+    _train(flat, node, _global_arrays(), 1)
+    saved = torch.load(out / "local_state.pt", weights_only=True)["state_dict"]
+    personalized = {"classifier", "backbone.conv1.0"}
+    arrays = _global_arrays(skip_layers=personalized)  # the server no longer sends them
+    reply, context = _train(flat, node, arrays, 2, personalized)  # empty state = restart
+    assert set(reply.content["arrays"]) == set(arrays)  # nothing personalized goes back
+    assert "restored local weights of round 1" in flwr_logs.text
+    after = torch.load(out / "local_state.pt", weights_only=True)["state_dict"]
+    assert after["classifier.weight"].shape == saved["classifier.weight"].shape
+    # round 2 started from the site's own round-1 head, not from a fresh one
+    fresh = build_model("resnet10t_sa", num_classes=7).state_dict()["classifier.weight"]
+    assert (after["classifier.weight"] - saved["classifier.weight"]).abs().max() < \
+        (after["classifier.weight"] - fresh).abs().max()
+
+
+def test_first_round_with_a_local_head_starts_it_from_the_initial_model(site, flwr_logs):
+    """FedAvg-FC: the classifier is never sent, not even in round 1."""
+    flat, node, out = site
+    arrays = _global_arrays(skip_layers={"classifier"})
+    reply, _ = _train(flat, node, arrays, 1, {"classifier"})
+    assert set(reply.content["arrays"]) == set(arrays)
+    assert "round 1: no local weights" in flwr_logs.text
+    assert not [r for r in flwr_logs.records if r.levelno >= logging.WARNING]
+    head = torch.load(out / "local_state.pt", weights_only=True)["state_dict"]
+    assert head["classifier.weight"].shape == (7, 512)
+
+
+def test_no_local_weights_in_a_later_round_is_a_loud_warning(site, flwr_logs):
+    flat, node, _ = site
+    _train(flat, node, _global_arrays(skip_layers={"classifier"}), 4, {"classifier"})
+    warnings = [r.getMessage() for r in flwr_logs.records if r.levelno == logging.WARNING]
+    assert any("round 4: no local weights" in w and "output folder was lost" in w
+               for w in warnings), warnings
+
+
+def test_local_weights_lacking_a_personalized_key_are_an_error(site):
+    flat, node, out = site
+    _train(flat, node, _global_arrays(), 1)
+    blob = torch.load(out / "local_state.pt", weights_only=True)
+    del blob["state_dict"]["classifier.bias"]
+    torch.save(blob, out / "local_state.pt")
+    arrays = _global_arrays(skip_layers={"classifier"})
+    with pytest.raises(client_app.SiteFailure,
+                       match=r"site 'site-a': RuntimeError: .*\['classifier.bias'\] are not in"):
+        _train(flat, node, arrays, 2, {"classifier"})
+
+
+class _TwoNodes:
+    def get_node_ids(self):
+        return [1, 2]
+
+
+@pytest.mark.parametrize("name", STRATEGY_NAMES)
+def test_every_method_trains_two_rounds_with_the_real_client_app(site, name):
+    """Server strategy and ClientApp agree on what is sent and returned, for every method:
+    two rounds, two sites, no reply dropped."""
+    flat, node, out = site
+    strategy = build_strategy(name, min_available_nodes=2, min_train_nodes=2,
+                              min_train_replies=2, head_layer="classifier")
+    contexts = {nid: Context(run_id=1, node_id=nid, state=RecordDict(), run_config=flat,
+                             node_config={**node, "site-name": f"site-{nid}",
+                                          "output-dir": str(out / f"site-{nid}")})
+                for nid in (1, 2)}
+    arrays = _global_arrays()
+    for server_round in (1, 2):
+        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(),
+                                                 _TwoNodes()))
+        replies = [client_app.train(m, contexts[m.metadata.dst_node_id]) for m in messages]
+        assert not any(r.has_error() for r in replies)
+        new, metrics = strategy.aggregate_train(server_round, replies)
+        assert new is not None, (name, server_round)
+        assert set(new) == set(arrays)
+        if "num-replies-accepted" in metrics:
+            assert metrics["num-replies-accepted"] == 2
+        assert strategy.failures["train"] == []
+        arrays = new

@@ -1,0 +1,104 @@
+"""Server-side recording: pooled evaluation metrics and traffic metering."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+
+from fedlsc_common.classes import CLASSES
+from fedlsc_flwr.metrics import classification_metrics, pooled_evaluate_metrics
+from fedlsc_flwr.strategy import SiteAwareFedAvg
+from server_app.recorder import MeteredGrid
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+
+
+def _eval_record(cm, n):
+    cm = np.asarray(cm)
+    return RecordDict({"metrics": MetricRecord({
+        "num-examples": n, "global-loss": 1.0 * n,
+        "global-confusion": [int(v) for v in cm.reshape(-1)],
+        "personal-confusion": [int(v) for v in cm.reshape(-1)]})})
+
+
+def test_pooled_metrics_come_from_the_summed_confusion_matrix():
+    a = np.zeros((7, 7), int)
+    a[0, 0], a[1, 1], a[1, 0] = 10, 1, 9  # site A: class 0 right, class 1 mostly wrong
+    b = np.zeros((7, 7), int)
+    b[1, 1] = 30  # site B: only class 1, all right
+    metrics = pooled_evaluate_metrics([_eval_record(a, 20), _eval_record(b, 30)],
+                                      "num-examples", class_names=CLASSES)
+    pooled = classification_metrics(a + b, [str(i) for i in range(7)])
+    assert metrics["global-balanced-accuracy"] == pytest.approx(pooled["balanced-accuracy"])
+    assert metrics["global-balanced-accuracy"] == pytest.approx((1.0 + 31 / 40) / 2)
+    assert metrics["global-accuracy"] == pytest.approx(41 / 50)
+    assert metrics["global-confusion"] == [int(v) for v in (a + b).reshape(-1)]
+    assert metrics["global-recall-bcc"] == pytest.approx(31 / 40)
+    site_mean = (classification_metrics(a, list("abcdefg"))["balanced-accuracy"] + 1.0) / 2
+    assert metrics["personal-site-mean-balanced-accuracy"] == pytest.approx(site_mean)
+    assert metrics["global-loss"] == pytest.approx((20 * 20 + 30 * 30) / 50)  # weighted
+    assert metrics["num-sites"] == 2
+
+
+class _Grid:
+    def __init__(self):
+        self.asked = 0
+
+    def get_node_ids(self):
+        self.asked += 1
+        return [1, 2]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return [Message(RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros(10, np.float32))}),
+                                    "metrics": MetricRecord({"num-examples": 1})}), reply_to=m)
+                for m in messages]
+
+
+def test_metered_grid_counts_array_bytes_and_delegates():
+    inner = _Grid()
+    grid = MeteredGrid(inner)
+    payload = RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros(100, np.float32))})})
+    messages = [Message(payload, dst_node_id=n, message_type=MessageType.TRAIN) for n in (1, 2)]
+    replies = grid.send_and_receive(messages)
+    assert len(replies) == 2 and grid.get_node_ids() == [1, 2] and inner.asked == 1
+    sent, received = len(Array(np.zeros(100, np.float32)).data), len(
+        Array(np.zeros(10, np.float32)).data)
+    assert grid.take_traffic() == {"train-sent": 2 * sent, "train-received": 2 * received}
+    assert grid.take_traffic() == {}
+
+
+class _AlwaysFailing(SiteAwareFedAvg):
+    """A strategy whose training rounds never aggregate (every site failed)."""
+
+    def aggregate_train(self, server_round, replies):
+        self.failures["train"] = [{"site": "site-0", "node": 1, "reason": "error reply"}]
+        return None, None
+
+
+def test_recorder_wraps_only_strategies_of_this_package():
+    from flwr.serverapp.strategy import FedAvg
+
+    from server_app.recorder import RecordedStrategy
+
+    with pytest.raises(TypeError, match="needs a fedlsc_flwr strategy"):
+        RecordedStrategy(FedAvg())
+
+
+def test_rounds_without_an_update_are_recorded(tmp_path):
+    from server_app.recorder import RecordedStrategy, RunRecorder
+
+    strategy = RecordedStrategy(_AlwaysFailing())
+    recorder = RunRecorder(tmp_path, strategy=strategy, grid=MeteredGrid(_Grid()),
+                           run_config={}, strategy_name="fedavg", round_offset=0,
+                           model_info={"backbone": "resnet10t_sa", "image_size": 32,
+                                       "mean": [0.5] * 3, "std": [0.5] * 3},
+                           class_names=["a", "b"], targets=[0.5])
+    arrays = ArrayRecord({"w": Array(np.zeros(3, np.float32))})
+    recorder(0, arrays)
+    for server_round in (1, 2):
+        strategy.aggregate_train(server_round, [])
+        recorder(server_round, arrays)
+    assert [r["aggregated"] for r in recorder.rows] == [False, False]
+    assert recorder.rows[0]["failures"]["train"][0]["site"] == "site-0"
+    assert recorder.finish()["rounds_aggregated"] == 0

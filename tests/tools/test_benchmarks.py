@@ -1,0 +1,142 @@
+"""The paper-table driver's statistics, table and plot helpers, on synthetic result files."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from fedlsc_common.settings import Settings
+
+_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "paper_table.py"
+_spec = importlib.util.spec_from_file_location("paper_table", _PATH)
+pt = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(pt)
+
+
+@pytest.mark.parametrize("df, expected", [(1, 12.7062), (2, 4.3027), (4, 2.7764),
+                                          (10, 2.2281), (30, 2.0423)])
+def test_t_quantile_matches_tables(df, expected):
+    assert pt.t_quantile(0.975, df) == pytest.approx(expected, abs=2e-3)
+    assert pt.t_quantile(0.025, df) == pytest.approx(-expected, abs=2e-3)
+
+
+def test_t_cdf_closed_form_for_two_degrees_of_freedom():
+    for x in (-3.0, -0.5, 0.0, 1.2, 3.4641):
+        assert pt.t_cdf(x, 2) == pytest.approx(0.5 + x / (2 * math.sqrt(2 + x * x)), abs=1e-6)
+
+
+def test_paired_ci_by_hand():
+    # diffs 1, 2, 3: mean 2, sd 1; half width t(0.975, 2)/sqrt(3) = 2.4841;
+    # t = 2·sqrt(3) = 3.4641 on 2 df gives p = 1 − 2·3.4641/(2·sqrt(14)) = 0.0742.
+    ci = pt.paired_ci([1.5, 2.0, 3.5], [0.5, 0.0, 0.5])
+    assert ci["mean"] == pytest.approx(2.0)
+    assert ci["low"] == pytest.approx(2 - 2.4841, abs=1e-3)
+    assert ci["high"] == pytest.approx(2 + 2.4841, abs=1e-3)
+    assert ci["p"] == pytest.approx(0.0742, abs=1e-3)
+    assert ci["n"] == 3
+    same = pt.paired_ci([0.5, 0.6], [0.5, 0.6])
+    assert same["mean"] == 0 and same["p"] == 1.0
+    with pytest.raises(ValueError, match="at least 2 pairs"):
+        pt.paired_ci([1.0], [0.0])
+
+
+def test_cells():
+    assert pt.mean_std([0.5, 0.7]) == "60.00 ± 14.14"
+    assert pt.mean_std([0.5, None]) == "50.00 ± 0.00"
+    assert pt.mean_std([None]) == "–"
+    assert pt.rounds_cell([2, None, 4]) == "3.0 (2/3)"
+    assert pt.rounds_cell([None, None]) == "– (0/2)"
+
+
+def test_plan_runs_the_paired_methods_first_seed_major():
+    runs = pt.plan(pt.METHODS, pt.SPLITS, [0, 1, 2])
+    assert len(runs) == 8 * 2 * 3 and len(set(runs)) == len(runs)
+    assert runs[:4] == [("dirichlet", "fedavg", 0), ("dirichlet", "fedlsc", 0),
+                        ("site", "fedavg", 0), ("site", "fedlsc", 0)]
+    assert {m for _, m, _ in runs[:12]} == {"fedavg", "fedlsc"}
+
+
+@pytest.mark.parametrize("preset", sorted(pt.PRESETS))
+def test_presets_compose_into_valid_settings(preset):
+    settings = Settings.from_hydra(pt.overrides_for(preset, "site", "fedprox-fc", 2))
+    assert settings.strategy.name == "fedprox-fc" and settings.seed == 2
+    assert settings.partition.name == "site"
+    assert settings.min_available_nodes == settings.partition.num_partitions == 4
+    if preset == "paper":
+        assert (settings.model.backbone, settings.dataset.image_size,
+                settings.num_server_rounds) == ("res2net50_sa", 224, 50)
+    else:
+        assert settings.dataset.image_size == 32 and settings.training.max_batches_per_epoch > 0
+
+
+def _fake_run(out: Path, split: str, method: str, seed: int, accs: list[float]) -> None:
+    results = pt.run_dir(out, split, method, seed) / "results"
+    results.mkdir(parents=True)
+    rows = [{"round": i + 1, "global": {"accuracy": a, "balanced-accuracy": a / 2},
+             "personalized": {"site-mean-balanced-accuracy": a / 3},
+             "bytes": {"train-sent": 2**20 * (2 if i == 0 else 1), "train-received": 2**20}}
+            for i, a in enumerate(accs)]
+    (results / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    final = {"global": {"accuracy": accs[-1], "balanced-accuracy": accs[-1] / 2,
+                        "precision": 0.3, "recall": 0.3, "f1": 0.3},
+             "personalized": {"site-mean-accuracy": accs[-1], "site-mean-f1": 0.2,
+                              "site-mean-balanced-accuracy": accs[-1] / 3}}
+    reached = next((r["round"] for r in rows if r["global"]["accuracy"] >= 0.6), None)
+    (results / "summary.json").write_text(json.dumps({
+        "strategy": method, "rounds": len(rows), "final": final,
+        "rounds_to_reach_accuracy": {"0.6": reached},
+        "bytes_per_round": {"train-sent": 1.25 * 2**20, "train-received": 2**20}}))
+
+
+def test_report_from_result_files(tmp_path):
+    for seed, (avg, lsc) in enumerate([(0.50, 0.55), (0.60, 0.62), (0.55, 0.61)]):
+        _fake_run(tmp_path, "dirichlet", "fedavg", seed, [0.4, 0.5, avg])
+        _fake_run(tmp_path, "dirichlet", "fedlsc", seed, [0.4, 0.6, lsc])
+    (tmp_path / "dirichlet" / "fedlsc" / "seed9").mkdir()  # unfinished: no summary.json
+    report = pt.build_report(tmp_path, "python benchmarks/paper_table.py --test")
+    assert "`python benchmarks/paper_table.py --test`" in report
+    assert "## partition=site" not in report
+    # accuracy: fedavg 50/60/55 -> 55.00 ± 5.00; fedlsc − fedavg = 5, 2, 6 -> mean 4.33
+    assert "| fedavg | 0,1,2 | 55.00 ± 5.00 |" in report
+    line = next(x for x in report.splitlines() if x.startswith("| global accuracy |"))
+    ci = pt.paired_ci([0.55, 0.62, 0.61], [0.50, 0.60, 0.55])
+    assert line.startswith(f"| global accuracy | +4.33 | [{100 * ci['low']:+.2f}, ")
+    assert "| fedlsc | 2.0 (3/3) | 3 |" in report and "| fedavg | 3.0 (1/3) | 3 |" in report
+    # bytes (MiB): summary's means, then round 1 (2 + 1) apart from later rounds (1 + 1)
+    assert "| fedavg | 1.250 | 1.000 | 2.250 | 0.000 | 3.000 | 2.000 |" in report
+    assert (tmp_path / "accuracy_dirichlet.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_fp16_variant_is_fedlsc_with_float16_updates():
+    flat = pt.overrides_for("cpu", "dirichlet", "fedlsc-fp16", 1)
+    settings = Settings.from_hydra(flat)
+    assert settings.strategy.name == "fedlsc" and settings.strategy.update_dtype == "float16"
+    assert Settings.from_hydra(pt.overrides_for("cpu", "site", "fedprox", 0)).strategy.name \
+        == "fedprox"
+
+
+def test_a_run_whose_sites_all_failed_does_not_count(tmp_path):
+    _fake_run(tmp_path, "site", "fedavg", 0, [0.5, 0.6])
+    results = pt.run_dir(tmp_path, "site", "fedavg", 0) / "results"
+    assert pt.usable(results)
+    summary = json.loads((results / "summary.json").read_text())
+    summary["final"] = {"global": {}, "personalized": {}}  # every reply was an error
+    (results / "summary.json").write_text(json.dumps(summary))
+    assert not pt.usable(results)
+    assert pt.load_runs(tmp_path) == {}
+
+
+def test_a_run_in_which_a_site_failed_a_round_does_not_count(tmp_path):
+    _fake_run(tmp_path, "site", "fedavg-fc", 1, [0.5, 0.6])
+    results = pt.run_dir(tmp_path, "site", "fedavg-fc", 1) / "results"
+    rows = [json.loads(line) for line in (results / "metrics.jsonl").read_text().splitlines()]
+    rows[0]["failures"] = {"train": [], "evaluate": []}
+    (results / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert pt.usable(results)
+    rows[1]["failures"] = {"train": [{"site": "site-0", "node": 7, "reason": "error"}]}
+    (results / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert not pt.usable(results)
