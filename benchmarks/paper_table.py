@@ -138,6 +138,15 @@ def overrides_for(preset: str, split: str, method: str, seed: int,
     return [*PRESETS[preset], *SPLIT_OVERRIDES[split], *strategy, f"seed={seed}", *extra]
 
 
+def global_scored(summary: Mapping[str, Any]) -> bool:
+    """False for a method whose global model holds layers no round trained (FedAvg-FC's
+    head, local-only): its global columns are not applicable."""
+    return bool(summary.get("global_model", {}).get("scored", True))
+
+
+NOT_APPLICABLE = "n/a"
+
+
 def usable(results: Path) -> bool:
     """A run counts when its summary holds global held-out metrics and no site failed a
     round: a run whose sites failed still writes a summary, which must not be tabled."""
@@ -145,7 +154,9 @@ def usable(results: Path) -> bool:
     if not path.is_file():
         return False
     try:
-        if "accuracy" not in json.loads(path.read_text())["final"]["global"]:
+        summary = json.loads(path.read_text())
+        scored_group = "global" if global_scored(summary) else "personalized"
+        if "accuracy" not in summary["final"][scored_group]:
             return False
         rows = [json.loads(line) for line in
                 (results / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -236,7 +247,10 @@ def accuracy_table(found: Mapping[tuple[str, str], dict[int, dict]], split: str)
         runs = found[(split, method)]
         final = [r["summary"]["final"] for r in runs.values()]
         cells = [method, ",".join(map(str, sorted(runs)))]
-        cells += [mean_std(f["global"].get(m) for f in final) for m in GLOBAL_METRICS]
+        if all(global_scored(r["summary"]) for r in runs.values()):
+            cells += [mean_std(f["global"].get(m) for f in final) for m in GLOBAL_METRICS]
+        else:
+            cells += [NOT_APPLICABLE] * len(GLOBAL_METRICS)
         cells += [mean_std(f["personalized"].get(m) for f in final) for m in SITE_METRICS]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -252,7 +266,9 @@ def paired_lines(found: Mapping[tuple[str, str], dict[int, dict]], split: str,
         return [f"(no paired comparison: {len(seeds)} seed(s) with both {a} and {b})"]
     lines = [f"| {a} − {b} (points, seeds {','.join(map(str, seeds))}) | mean | 95 % CI | p |",
              "|---|---|---|---|"]
-    for group, metrics in (("global", GLOBAL_METRICS), ("personalized", SITE_METRICS)):
+    scored = all(global_scored(found[(split, m)][s]["summary"]) for m in (a, b) for s in seeds)
+    groups = (("global", GLOBAL_METRICS),) if scored else ()
+    for group, metrics in (*groups, ("personalized", SITE_METRICS)):
         for metric in metrics:
             va = [found[(split, a)][s]["summary"]["final"][group].get(metric) for s in seeds]
             vb = [found[(split, b)][s]["summary"]["final"][group].get(metric) for s in seeds]
@@ -272,8 +288,11 @@ def rounds_table(found: Mapping[tuple[str, str], dict[int, dict]], split: str) -
     for method in _ordered(found, split):
         runs = list(found[(split, method)].values())
         cells = [method]
-        cells += [rounds_cell([r["summary"]["rounds_to_reach_accuracy"].get(t) for r in runs])
-                  for t in targets]
+        if all(global_scored(r["summary"]) for r in runs):
+            cells += [rounds_cell([r["summary"]["rounds_to_reach_accuracy"].get(t)
+                                   for r in runs]) for t in targets]
+        else:
+            cells += [NOT_APPLICABLE] * len(targets)
         cells.append(str(max(r["summary"]["rounds"] for r in runs)))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -352,6 +371,8 @@ def plot_split(found: Mapping[tuple[str, str], dict[int, dict]], split: str,
     for ax, (group, metric) in zip(axes, panels):
         for j, method in enumerate(methods):
             runs = list(found[(split, method)].values())
+            if group == "global" and not all(global_scored(r["summary"]) for r in runs):
+                continue  # its global model is no classifier (layers never trained)
             length = min(len(r["rows"]) for r in runs)
             rounds = [r["round"] for r in runs[0]["rows"][:length]]
             values = np.array([[row[group].get(metric, np.nan) for row in r["rows"][:length]]

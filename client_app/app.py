@@ -78,11 +78,13 @@ def train(msg: Message, context: Context) -> Message:
     site, server_round = _site(context), _round(msg)
     config, arrays = msg.content["config"], msg.content["arrays"]
     personalized = set(config.get(PERSONALIZED_LAYERS_KEY, []))
-    site.save_personalized_list(sorted(personalized))
     log(INFO, "%s round %s: %d personalized layer(s) kept on this site",
         site.identity.name, server_round, len(personalized))
     model = site.assemble(arrays.to_torch_state_dict(), personalized,
                           _local_state(site, context), server_round)
+    # Exactly the tensors the server kept back (with a layer's or tensor's buffers, as its
+    # grouping has them): the personalized model is these local values over the global.
+    site.save_personalized_list(sorted(set(model.state_dict()) - set(arrays)))
     stats, lr, num_train = site.train(model, set(arrays), server_round,
                                       float(config.get(PROXIMAL_MU_KEY, 0.0)))
 
@@ -113,7 +115,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     model = site.assemble(msg.content["arrays"].to_torch_state_dict(), set(), None)
     global_cm, global_loss = confusion_matrix(model, test_loader, site.device, num_classes)
 
-    personalized = set(site.load_personalized_list())
+    personalized = set(site.load_personalized_list())  # tensor keys (older runs: layers)
     local = _local_state(site, context) if personalized else None
     if local is not None:
         own = {k: v for k, v in local.items() if is_personalized(k, personalized)}

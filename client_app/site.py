@@ -226,8 +226,9 @@ class Site:
                     blob["round"], path)
         return blob["state_dict"]
 
-    def save_personalized_list(self, layers: list[str]) -> None:
-        atomic_write_json(self.identity.output_dir / PERSONALIZED_LIST_FILE, sorted(layers))
+    def save_personalized_list(self, keys: list[str]) -> None:
+        """The state_dict keys this site keeps (never sent), for its personalized model."""
+        atomic_write_json(self.identity.output_dir / PERSONALIZED_LIST_FILE, sorted(keys))
 
     def load_personalized_list(self) -> list[str]:
         path = self._own_file(PERSONALIZED_LIST_FILE)

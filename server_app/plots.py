@@ -30,7 +30,9 @@ def plot_accuracy(rows: Sequence[Mapping[str, Any]], path: str | Path, title: st
     rounds = [r["round"] for r in rows]
     for group, style in (("global", "-"), ("personalized", "--")):
         for metric, color in (("accuracy", "tab:blue"), ("balanced-accuracy", "tab:orange")):
-            values = [r.get(group, {}).get(metric) for r in rows]
+            values = [r.get(group, {}).get(metric)
+                      if group != "global" or r.get("global-model-scored", True) else None
+                      for r in rows]
             if any(v is not None for v in values):
                 ax.plot(rounds, [np.nan if v is None else v for v in values], style,
                         color=color, marker="o", ms=3, label=f"{group} {metric}")
@@ -56,7 +58,7 @@ def plot_similarity_heatmap(report: Mapping[str, Any], path: str | Path) -> Path
     height = min(max(3.0, 0.12 * len(layers)), 40.0)
     fig, ax = plt.subplots(figsize=(2.5 + 1.2 * sims.shape[1], height))
     cmap = matplotlib.colormaps["RdBu"].copy()
-    cmap.set_bad("lightgrey")
+    cmap = cmap.with_extremes(bad="lightgrey")
     image = ax.imshow(np.ma.masked_invalid(sims), aspect="auto", cmap=cmap, vmin=-1, vmax=1,
                       interpolation="nearest")
     ax.set_xticks(range(sims.shape[1]),

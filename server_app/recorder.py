@@ -122,6 +122,14 @@ class RunRecorder:
         self.rows: list[dict[str, Any]] = list(previous_rows or [])
         self._round_start = time.perf_counter()
         self.last_arrays: ArrayRecord | None = None
+        # A run resumed after stage 1 must not redraw the stage-1 heatmap with a later round.
+        self._stage1_done_before = self.strategy.stage1_round is not None
+
+    @property
+    def global_model_scored(self) -> bool:
+        """False when the global model holds layers no round ever trained (they stay on
+        the sites): its scores are then not those of a classifier anyone would use."""
+        return not self.strategy.never_shared
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Flower's evaluate_fn: record the round that just ended."""
@@ -141,7 +149,7 @@ class RunRecorder:
             with open(self.dir / "similarity.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(as_json) + "\n")
             plot_similarity_heatmap(as_json, self.dir / "similarity_heatmap.png")
-            if self.strategy.stage1_round == server_round:
+            if not self._stage1_done_before and self.strategy.stage1_round == server_round:
                 plot_similarity_heatmap(as_json, self.dir / "similarity_heatmap_stage1.png")
         state = self.strategy.state_dict()
         save_checkpoint(self.dir / "checkpoint.pt", server_round=true_round,
@@ -149,10 +157,17 @@ class RunRecorder:
                         strategy_state=state, run_config=self.run_config)
         plot_accuracy(self.rows, self.dir / "accuracy.png", title=self.strategy_name)
         self._round_start = time.perf_counter()
-        glob = row["global"]
-        log(INFO, "Round %s: global accuracy %.4f, balanced accuracy %.4f (pooled held-out "
-            "data of %s sites); results in %s", true_round, glob.get("accuracy", float("nan")),
-            glob.get("balanced-accuracy", float("nan")), row["sites-evaluated"], self.dir)
+        glob, own = row["global"], row["personalized"]
+        if self.global_model_scored:
+            log(INFO, "Round %s: global accuracy %.4f, balanced accuracy %.4f (pooled held-out "
+                "data of %s sites); results in %s", true_round, glob.get("accuracy", float("nan")),
+                glob.get("balanced-accuracy", float("nan")), row["sites-evaluated"], self.dir)
+        else:
+            log(INFO, "Round %s: personalized models accuracy %.4f, balanced accuracy %.4f "
+                "(pooled held-out data of %s sites; the global model is not scored: %s "
+                "layer(s) stay on the sites); results in %s", true_round,
+                own.get("accuracy", float("nan")), own.get("balanced-accuracy", float("nan")),
+                row["sites-evaluated"], len(self.strategy.never_shared), self.dir)
         return MetricRecord({k: v for k, v in glob.items() if isinstance(v, float)})
 
     def _row(self, true_round: int) -> dict[str, Any]:
@@ -170,6 +185,8 @@ class RunRecorder:
             "train": {k: v for k, v in train.items() if not k.startswith("lsc-")},
             "aggregated": aggregated,  # False: too few usable replies, model kept
             "global": group("global-"),
+            # False: the global model holds layers no round trained (see global_model_scored)
+            "global-model-scored": self.global_model_scored,
             "personalized": group("personal-"),
             "sites-evaluated": int(evaluate.get("num-sites", 0)) or None,
             # sites that failed this round: [{"site", "node", "reason"}] per phase
@@ -186,6 +203,7 @@ class RunRecorder:
                        {k: v.numpy() for k, v in self.last_arrays.items()},
                        **self.model_info, class_names=self.class_names,
                        round=self.rows[-1]["round"] if self.rows else 0, kind="global")
+        scored = self.global_model_scored
         reached = {}
         for target in self.targets:
             hit = next((r["round"] for r in self.rows
@@ -195,9 +213,12 @@ class RunRecorder:
             "strategy": self.strategy_name,
             "rounds": len(self.rows),
             "rounds_aggregated": sum(bool(r.get("aggregated", True)) for r in self.rows),
-            "final": {"global": self.rows[-1]["global"] if self.rows else {},
+            # Not scored: the global model holds layers no round trained ("never_trained").
+            "global_model": {"scored": scored,
+                             "never_trained": sorted(self.strategy.never_shared)},
+            "final": {"global": self.rows[-1]["global"] if self.rows and scored else {},
                       "personalized": self.rows[-1]["personalized"] if self.rows else {}},
-            "rounds_to_reach_accuracy": reached,
+            "rounds_to_reach_accuracy": reached if scored else {},
             "personalized_layers": sorted(self.strategy.personalized_layers),
             "bytes_per_round": _mean_traffic(self.rows),
             "config": self.run_config,

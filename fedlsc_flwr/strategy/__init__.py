@@ -16,15 +16,12 @@ from fedlsc_flwr.strategy.fedlsc import FedLSC, RoundReport
 from fedlsc_flwr.strategy.personalized import LocalOnly, PersonalizedFedAvg
 from fedlsc_flwr.strategy.site_tracking import SiteAwareFedAvg, SiteAwareFedProx, SiteTracking
 
-__all__ = ["PARTLY_SHARED", "STRATEGY_NAMES", "FedLSC", "HyperParameterError", "LocalOnly",
+__all__ = ["STRATEGY_NAMES", "FedLSC", "HyperParameterError", "LocalOnly",
            "PersonalizedFedAvg", "RoundReport", "SiteAwareFedAvg", "SiteAwareFedProx",
            "SiteTracking", "build_strategy"]
 
 STRATEGY_NAMES = (
     "fedlsc", "fedlsc-per0", "fedavg", "fedprox", "fedavg-fc", "fedprox-fc", "local-only")
-#: Methods whose global model holds layers that never left their initialisation (the
-#: sites keep them): their global model is not a classifier to score on its own.
-PARTLY_SHARED = ("fedavg-fc", "fedprox-fc", "local-only")
 
 
 def build_strategy(

@@ -76,6 +76,7 @@ class PersonalizedFedAvg(SiteTracking, FedAvg):
         self.max_update_norm_ratio = float(max_update_norm_ratio)
         self.update_dtype = update_dtype
         self.personalized_layers = frozenset(personalized_layers)
+        self.never_shared = self.personalized_layers
         self._global: ArrayRecord | None = None
         self._sent_keys: list[str] = []
         self._checked: dict[int, dict[str, np.ndarray]] = {}  # id(reply) -> its arrays as views
@@ -284,6 +285,7 @@ class LocalOnly(PersonalizedFedAvg):
     ) -> Iterable[Message]:
         messages = super().configure_train(server_round, arrays, config, grid)
         self.personalized_layers = frozenset(layer.name for layer in self._layers(arrays))
+        self.never_shared = self.personalized_layers
         return messages
 
 

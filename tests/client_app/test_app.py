@@ -151,3 +151,40 @@ def test_every_method_trains_two_rounds_with_the_real_client_app(site, name):
             assert metrics["num-replies-accepted"] == 2
         assert strategy.failures["train"] == []
         arrays = new
+
+
+def test_tensor_granularity_personalized_model_keeps_its_own_running_statistics(site):
+    """A personalized norm weight (granularity 'tensor') brings its running statistics
+    with it: the site's personalized model must not pair them with the global ones."""
+    from flwr.app import MetricRecord  # noqa: F401  (message content types)
+
+    from fedlsc_common.storage import read_model_file
+    from fedlsc_flwr.strategy import PersonalizedFedAvg
+
+    flat, node, out = site
+    unit = "backbone.bn1.weight"
+    strategy = PersonalizedFedAvg([unit], granularity="tensor", min_available_nodes=2,
+                                  min_train_nodes=2, min_train_replies=2)
+    contexts = {nid: Context(run_id=1, node_id=nid, state=RecordDict(), run_config=flat,
+                             node_config={**node, "site-name": f"site-{nid}",
+                                          "output-dir": str(out / f"site-{nid}")})
+                for nid in (1, 2)}
+    arrays = _global_arrays()
+    for server_round in (1, 2):
+        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(),
+                                                 _TwoNodes()))
+        assert "backbone.bn1.running_mean" not in messages[0].content["arrays"]
+        replies = [client_app.train(m, contexts[m.metadata.dst_node_id]) for m in messages]
+        arrays, _ = strategy.aggregate_train(server_round, replies)
+    msg = Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 2})}),
+                  dst_node_id=1, message_type=MessageType.EVALUATE)
+    assert not client_app.evaluate(msg, contexts[1]).has_error()
+    local = torch.load(out / "site-1" / "local_state.pt", weights_only=True)["state_dict"]
+    personal = read_model_file(out / "site-1" / "personalized_model.pt")["state_dict"]
+    global_mean = arrays["backbone.bn1.running_mean"].numpy()
+    for key in (unit, "backbone.bn1.running_mean", "backbone.bn1.running_var"):
+        np.testing.assert_array_equal(np.asarray(personal[key]), local[key].numpy(), err_msg=key)
+    assert not np.allclose(local["backbone.bn1.running_mean"].numpy(), global_mean)
+    # the unit's bias is shared at tensor granularity: the global value is used
+    np.testing.assert_array_equal(np.asarray(personal["backbone.bn1.bias"]),
+                                  arrays["backbone.bn1.bias"].numpy())

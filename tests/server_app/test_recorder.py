@@ -8,7 +8,7 @@ from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, Rec
 
 from fedlsc_common.classes import CLASSES
 from fedlsc_flwr.metrics import classification_metrics, pooled_evaluate_metrics
-from fedlsc_flwr.strategy import SiteAwareFedAvg
+from fedlsc_flwr.strategy import FedLSC, PersonalizedFedAvg, SiteAwareFedAvg
 from server_app.recorder import MeteredGrid
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -102,3 +102,76 @@ def test_rounds_without_an_update_are_recorded(tmp_path):
     assert [r["aggregated"] for r in recorder.rows] == [False, False]
     assert recorder.rows[0]["failures"]["train"][0]["site"] == "site-0"
     assert recorder.finish()["rounds_aggregated"] == 0
+
+
+def _recorder(tmp_path, inner, name="fedlsc"):
+    from server_app.recorder import RecordedStrategy, RunRecorder
+
+    recorded = RecordedStrategy(inner)
+    return recorded, RunRecorder(
+        tmp_path, strategy=recorded, grid=MeteredGrid(_Grid()), run_config={},
+        strategy_name=name, round_offset=0,
+        model_info={"backbone": "resnet10t_sa", "image_size": 32, "mean": [0.5] * 3,
+                    "std": [0.5] * 3}, class_names=list(CLASSES), targets=[0.1])
+
+
+def _evaluated(recorded, accuracy):
+    """What aggregate_evaluate would have kept after a round with this global accuracy."""
+    recorded.evaluate_metrics = {"global-accuracy": accuracy, "global-balanced-accuracy": 0.4,
+                                 "personal-accuracy": 0.8, "personal-balanced-accuracy": 0.5,
+                                 "num-sites": 3}
+
+
+@pytest.mark.parametrize("name, inner, scored", [
+    ("fedavg-fc", lambda: PersonalizedFedAvg(["classifier"]), False),
+    ("fedlsc", lambda: FedLSC(), True),
+    ("fedavg", lambda: SiteAwareFedAvg(), True),
+])
+def test_global_model_with_never_trained_layers_is_not_scored(tmp_path, name, inner, scored):
+    from fedlsc_tools.cli import finished_line
+
+    recorded, recorder = _recorder(tmp_path, inner(), name)
+    arrays = ArrayRecord({"w": Array(np.zeros(3, np.float32))})
+    recorder(0, arrays)
+    _evaluated(recorded, 0.7)
+    recorder(1, arrays)
+    summary = recorder.finish()
+    assert summary["global_model"]["scored"] is scored
+    assert recorder.rows[0]["global-model-scored"] is scored
+    line = finished_line(summary, 12.0, tmp_path)
+    assert "personalized models: balanced accuracy 0.5000" in line
+    if scored:
+        assert summary["final"]["global"]["accuracy"] == pytest.approx(0.7)
+        assert summary["rounds_to_reach_accuracy"] == {"0.1": 1}
+        assert "global model: 0.4000" in line
+    else:
+        assert summary["global_model"]["never_trained"] == ["classifier"]
+        assert summary["final"]["global"] == {} and summary["rounds_to_reach_accuracy"] == {}
+        assert "Global model: not applicable (1 layer(s)" in line
+
+
+def _report(server_round):
+    from fedlsc_flwr.similarity import LayerReport
+    from fedlsc_flwr.strategy import RoundReport
+
+    layer = LayerReport(np.array([0.5, 0.4]), np.array([0.6, 0.4]))
+    return RoundReport(server_round, [1, 2], {"stem": layer, "classifier": layer}, [])
+
+
+def test_stage1_heatmap_is_drawn_once_and_not_redrawn_after_a_resume(tmp_path):
+    arrays = ArrayRecord({"w": Array(np.zeros(3, np.float32))})
+    fresh = FedLSC()
+    recorded, recorder = _recorder(tmp_path / "fresh", fresh)
+    recorder(0, arrays)
+    fresh.stage1_round, fresh.last_report = 1, _report(1)
+    recorder(1, arrays)
+    assert (tmp_path / "fresh" / "similarity_heatmap_stage1.png").is_file()
+
+    resumed = FedLSC()
+    resumed.load_state_dict({"personalized_layers": [], "stage1_round": 1})
+    recorded, recorder = _recorder(tmp_path / "resumed", resumed)
+    recorder(0, arrays)
+    resumed.last_report = _report(1)  # round 1 of start() after the resume: a later round
+    recorder(1, arrays)
+    assert (tmp_path / "resumed" / "similarity_heatmap.png").is_file()
+    assert not (tmp_path / "resumed" / "similarity_heatmap_stage1.png").exists()
