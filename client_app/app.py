@@ -13,7 +13,7 @@ from collections.abc import Callable
 from logging import INFO
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
@@ -26,6 +26,7 @@ from fedlsc_flwr.wire import (
     PROXIMAL_MU_KEY,
     SITE_RECORD_KEY,
     UPDATE_DTYPE_KEY,
+    UPDATE_SCALE_KEY,
     array_from_numpy,
     array_view,
     encode_update,
@@ -92,16 +93,20 @@ def train(msg: Message, context: Context) -> Message:
     context.state[STATE_KEY] = ArrayRecord(state)
     site.save_local_state(state, server_round)
     update_dtype = str(config.get(UPDATE_DTYPE_KEY, "float32"))
-    reply = ArrayRecord({k: array_from_numpy(
-        encode_update(state[k].numpy(), array_view(arrays[k]), update_dtype)) for k in arrays})
+    encoded = {k: encode_update(state[k].numpy(), array_view(arrays[k]), update_dtype)
+               for k in arrays}
+    reply = ArrayRecord({k: array_from_numpy(value) for k, (value, _) in encoded.items()})
     metrics = MetricRecord({
         "num-examples": stats.examples, "train-loss": stats.loss,
         "train-accuracy": stats.accuracy, "train-seconds": stats.seconds,
         "images-per-second": stats.images_per_second, "proximal-term": stats.proximal,
         "lr": lr, "train-set-size": num_train,
     })
-    return Message(RecordDict({"arrays": reply, "metrics": metrics,
-                               SITE_RECORD_KEY: site_record(site.identity.name)}), reply_to=msg)
+    content = RecordDict({"arrays": reply, "metrics": metrics,
+                          SITE_RECORD_KEY: site_record(site.identity.name)})
+    if update_dtype == "float16":
+        content[UPDATE_SCALE_KEY] = ConfigRecord({k: e for k, (_, e) in encoded.items()})
+    return Message(content, reply_to=msg)
 
 
 @app.evaluate()

@@ -35,6 +35,7 @@ from fedlsc_flwr.wire import (
     PROXIMAL_MU_KEY,
     UPDATE_DTYPE_KEY,
     UPDATE_DTYPES,
+    UPDATE_SCALE_KEY,
     array_from_numpy,
     array_view,
     decode_update,
@@ -225,6 +226,7 @@ class PersonalizedFedAvg(SiteTracking, FedAvg):
                     "(personalized or unknown layers)"), {}, 0.0
         state: dict[str, np.ndarray] = {}
         squared_norm = 0.0
+        scales = content.config_records.get(UPDATE_SCALE_KEY, {})
         for key, ref in expected.items():
             got = arrays[key]
             as_delta = self.update_dtype == "float16" and np.dtype(ref.dtype).kind == "f"
@@ -237,7 +239,11 @@ class PersonalizedFedAvg(SiteTracking, FedAvg):
             except (ValueError, TypeError) as err:
                 return f"key '{key}' cannot be read: {err}", {}, 0.0
             if as_delta:
-                value = decode_update(value, global_views[key])
+                exponent = scales.get(key, 0)
+                if isinstance(exponent, bool) or not isinstance(exponent, int) \
+                        or abs(exponent) > 1000:
+                    return f"key '{key}' has an unusable update scale {exponent!r}", {}, 0.0
+                value = decode_update(value, global_views[key], exponent)
             if np.issubdtype(value.dtype, np.floating):
                 if is_buffer(key) or not self.max_update_norm_ratio:
                     finite = _all_finite(value)
