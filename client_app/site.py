@@ -125,12 +125,14 @@ class Site:
         return _LOADERS[(key, split)]
 
     # ------------------------------------------------------------------ model
-    def new_model(self) -> nn.Module:
-        """The run's initial model, as the server builds it (same seed, same weights)."""
+    def new_model(self, *, initial_weights: bool = True) -> nn.Module:
+        """The run's initial model, as the server builds it (same seed, same pretrained
+        weights); ``initial_weights=False`` skips loading pretrained weights, for a model
+        whose every tensor is about to be overwritten."""
         torch.manual_seed(self.settings.seed)
+        pretrained = self.settings.model.pretrained_source if initial_weights else False
         model = build_model(self.settings.model.backbone,
-                            num_classes=self.settings.model.num_classes,
-                            pretrained=self.settings.model.pretrained_source)
+                            num_classes=self.settings.model.num_classes, pretrained=pretrained)
         return prepare_for_device(model, self.device)
 
     def assemble(self, received: dict[str, torch.Tensor], personalized: set[str],
@@ -142,7 +144,7 @@ class Site:
         personalized layers from the initial model, which it builds itself from the same
         seed as the server; local weights that lack a personalized key are an error.
         """
-        model = self.new_model()
+        model = self.new_model(initial_weights=False)
         state = model.state_dict()
         name = self.identity.name
         unknown = sorted(set(received) - set(state))
@@ -150,23 +152,23 @@ class Site:
             raise ValueError(f"{name}: the server sent keys this model lacks "
                              f"({unknown[:5]}); do server and site use the same backbone?")
         own_keys = [k for k in state if k not in received]
-        if own_keys:
-            if local is None:
-                fresh = sorted({layer_of(k) for k in own_keys if is_personalized(k, personalized)})
-                if fresh:
-                    logger.log(logging.WARNING if server_round > 1 else logging.INFO,
-                               "%s round %s: no local weights in %s yet: personalized layers "
-                               "%s start from the initial model%s", name, server_round,
-                               self.local_state_path, fresh[:5], "" if server_round <= 1 else
-                               " (a site new to this run, or its output folder was lost)")
-            else:
-                missing = [k for k in own_keys if k not in local]
-                if any(is_personalized(k, personalized) for k in missing):
-                    raise RuntimeError(
-                        f"{name}: personalized weights for {missing[:5]} are not in its "
-                        f"local weights ({self.local_state_path}); was it trained with "
-                        "another backbone?")
-                received = {**received, **{k: local[k] for k in own_keys if k in local}}
+        own = {k: local[k] for k in own_keys if k in local} if local is not None else {}
+        missing = [k for k in own_keys if k not in own]
+        if local is not None and any(is_personalized(k, personalized) for k in missing):
+            raise RuntimeError(
+                f"{name}: personalized weights for {missing[:5]} are not in its local "
+                f"weights ({self.local_state_path}); was it trained with another backbone?")
+        if missing:
+            initial = self.new_model().state_dict()
+            own.update({k: initial[k] for k in missing})
+        fresh = sorted({layer_of(k) for k in missing if is_personalized(k, personalized)})
+        if fresh:
+            logger.log(logging.WARNING if server_round > 1 else logging.INFO,
+                       "%s round %s: no local weights in %s yet: personalized layers %s start "
+                       "from the initial model%s", name, server_round, self.local_state_path,
+                       fresh[:5], "" if server_round <= 1 else
+                       " (a site new to this run, or its output folder was lost)")
+        received = {**received, **own}
         model.load_state_dict(received, strict=False)
         return model
 
