@@ -183,7 +183,8 @@ class Site:
         logger.info("%s round %s: training on %d images", self.identity.name, server_round,
                     num_train)
         anchor = {k: v.detach().clone() for k, v in model.named_parameters() if k in shared_keys}
-        lr = lr_for_round(t.lr, server_round, t.lr_step_rounds, t.lr_gamma)
+        by_round = t.lr_step_unit == "round"
+        lr = lr_for_round(t.lr, server_round, t.lr_step_size, t.lr_gamma) if by_round else t.lr
         # Same shuffling and augmentation for this site and round whichever process runs it.
         round_seed = self.settings.seed * 1000 + server_round
         torch.manual_seed(round_seed)
@@ -196,6 +197,7 @@ class Site:
             model, loader, epochs=t.local_epochs, lr=lr, device=self.device,
             proximal_mu=proximal_mu, anchor=anchor, class_weights=weights,
             max_batches=t.max_batches_per_epoch,
+            lr_step_epochs=0 if by_round else t.lr_step_size, lr_gamma=t.lr_gamma,
             label=f"{self.identity.name} round {server_round}")
         return stats, lr, num_train
 

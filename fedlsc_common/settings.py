@@ -120,7 +120,8 @@ class TrainingSettings:
     local_epochs: int
     batch_size: int
     lr: float
-    lr_step_rounds: int
+    lr_step_size: int
+    lr_step_unit: str
     lr_gamma: float
     max_batches_per_epoch: int
     class_weighted_loss: bool
@@ -207,7 +208,9 @@ class Settings:
             (self.training.local_epochs >= 1, "training.local-epochs", "at least 1"),
             (self.training.batch_size >= 1, "training.batch-size", "at least 1"),
             (self.training.lr > 0, "training.lr", "a number > 0"),
-            (self.training.lr_step_rounds >= 1, "training.lr-step-rounds", "at least 1"),
+            (self.training.lr_step_size >= 1, "training.lr-step-size", "at least 1"),
+            (self.training.lr_step_unit in ("local-epoch", "round"), "training.lr-step-unit",
+             "'local-epoch' or 'round'"),
             (self.min_train_nodes >= 1, "min-train-nodes", "at least 1"),
             (self.min_available_nodes >= self.min_train_nodes, "min-available-nodes",
              f"at least min-train-nodes ({self.min_train_nodes})"),

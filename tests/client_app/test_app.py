@@ -188,3 +188,16 @@ def test_tensor_granularity_personalized_model_keeps_its_own_running_statistics(
     # the unit's bias is shared at tensor granularity: the global value is used
     np.testing.assert_array_equal(np.asarray(personal["backbone.bn1.bias"]),
                                   arrays["backbone.bn1.bias"].numpy())
+
+
+@pytest.mark.parametrize("unit, expected", [("local-epoch", 1e-4), ("round", 1e-8)])
+def test_paper_schedule_does_not_freeze_the_last_rounds(site, unit, expected):
+    """The paper's StepLR(10, 0.1): read per local epoch (our default), round 41 still
+    trains at 1e-4; read per server round it would train at 1e-8."""
+    _, node, _ = site
+    flat = to_run_config(compose(["+experiment=paper", "model=small", "dataset.image_size=32",
+                                  "training.batch_size=8", "training.max_batches_per_epoch=1",
+                                  "training.num_workers=0",
+                                  f"training.lr_step_unit={unit}"]))
+    reply, _ = _train(flat, node, _global_arrays(), 41)
+    assert reply.content["metrics"]["lr"] == pytest.approx(expected)
