@@ -167,7 +167,7 @@ def usable(results: Path) -> bool:
 
 
 def run_all(out: Path, runs: Sequence[tuple[str, str, int]], preset: str,
-            extra: Sequence[str]) -> None:
+            extra: Sequence[str], transport: str = "flwr") -> None:
     from fedlsc_common.settings import compose
     from fedlsc_tools.experiment import run_job
 
@@ -183,7 +183,7 @@ def run_all(out: Path, runs: Sequence[tuple[str, str, int]], preset: str,
         job.mkdir(parents=True, exist_ok=True)
         overrides = overrides_for(preset, split, method, seed, extra)
         start = time.monotonic()
-        code = run_job(compose(overrides), job)
+        code = run_job(compose(overrides), job, transport=transport)
         seconds = time.monotonic() - start
         ok = code == 0 and usable(job / "results")
         status = "ok" if ok else f"FAILED (exit {code}, no held-out metrics; see " \
@@ -448,6 +448,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="only rebuild table.md and the plots from the result files")
     parser.add_argument("--paper-bytes", action="store_true",
                         help="add the computed bytes per round of the paper's model")
+    parser.add_argument("--transport", choices=("flwr", "inprocess"), default="flwr",
+                        help="flwr: `flwr run` simulations; inprocess: the same ServerApp and "
+                             "ClientApp code in one process per run (no Ray, no SuperLink: "
+                             "faster on a small machine)")
     parser.add_argument("--flwr-home", type=Path, default=None,
                         help="FLWR_HOME for this sweep (default OUT/flwr-home)")
     args = parser.parse_args(argv)
@@ -462,7 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = plan(args.methods, args.splits, args.seeds)
         print(f"{len(runs)} runs, preset {args.preset}, out {out}, FLWR_HOME {home}", flush=True)
         try:
-            run_all(out, runs, args.preset, args.set)
+            run_all(out, runs, args.preset, args.set, args.transport)
         finally:
             stop_local_superlink(home)
     note = "\n".join(paper_bytes_lines()) if args.paper_bytes else ""
