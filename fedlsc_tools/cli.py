@@ -487,8 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     certs.add_argument("--ip", action="append", default=[], metavar="ADDRESS",
                        help="an IP address the SuperLink is reached by; repeat for several")
     certs.add_argument("--days", type=int, default=365,
-                       help="validity of the SuperLink certificate (a new CA gets 10 times "
-                            "this; default: 365)")
+                       help="days the SuperLink certificate is valid; a new CA gets 10 "
+                            "times as many")
     return parser
 
 
