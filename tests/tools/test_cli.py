@@ -86,7 +86,6 @@ def test_table_gives_mean_and_std_over_seeds(tmp_path):
 
 
 def test_partitions_plot_of_the_real_sites(tmp_path, capsys):
-
     data = Path(__file__).resolve().parents[3] / "shared" / "data" / "ham10000"
     if not data.is_dir():
         pytest.skip("real HAM10000 data not found")
