@@ -209,3 +209,24 @@ def test_top_level_help_lists_commands_without_markup(capsys):
     assert "``" not in text and "examples:" in text
     for command in ("run", "predict", "partitions", "table", "keys", "certs"):
         assert f"    {command}" in text
+
+
+def test_predict_progress_bar_only_on_a_terminal(tmp_path, model_file, monkeypatch):
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((20, 20, 3), 40 * i, np.uint8)).save(images / f"x{i}.jpg")
+    for stderr, shown in ((Terminal(), True), (io.StringIO(), False)):
+        monkeypatch.setattr(sys, "stderr", stderr)
+        assert main(["predict", "--model", str(model_file), "--images", str(images),
+                     "--out", str(tmp_path / "p.csv"), "--batch-size", "2"]) == 0
+        assert ("fedlsc predict: 100%" in stderr.getvalue() and "3/3" in stderr.getvalue()) \
+            == shown
+        assert shown or stderr.getvalue() == ""
