@@ -1,9 +1,10 @@
 """What the ServerApp records each round: metrics, traffic, checkpoints, plots, summary.
 
 Files in the results folder (each written atomically):
-``metrics.jsonl`` one JSON object per round; ``similarity.jsonl`` FedLSC's per-layer
-table per round; ``checkpoint.pt`` enough to resume; ``global_model.pt`` a self-describing
-model file; ``summary.json``; ``accuracy.png`` and ``similarity_heatmap.png``.
+``metrics.jsonl`` one JSON object per round (with the round's confusion matrices, pooled
+and per site); ``similarity.jsonl`` FedLSC's per-layer table per round; ``checkpoint.pt``
+enough to resume; ``global_model.pt`` a self-describing model file; ``summary.json``;
+``accuracy.png``, ``confusion_matrix.png`` and ``similarity_heatmap.png``.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedlsc_common.storage import atomic_write_json, atomic_write_text, save_checkpoint, save_model
+from fedlsc_flwr.metrics import MODEL_GROUPS
 from fedlsc_flwr.strategy import SiteTracking
-from fedlsc_flwr.wire import message_bytes
-from server_app.plots import plot_accuracy, plot_similarity_heatmap
+from fedlsc_flwr.wire import message_bytes, site_name_in
+from server_app.plots import plot_accuracy, plot_confusion, plot_similarity_heatmap
 
 
 class MeteredGrid:
@@ -68,12 +70,19 @@ class RecordedStrategy(Strategy):
         self.inner = inner
         self.train_metrics: dict[str, Any] = {}
         self.evaluate_metrics: dict[str, Any] = {}
+        #: each site's flat confusion matrices of the round: {site: {"global-confusion": [...]}}
+        self.site_confusion: dict[str, dict[str, list[int]]] = {}
         self.aggregated = False  # False: too few usable replies, the model was kept
 
     def take_round(self) -> tuple[dict[str, Any], dict[str, Any], bool]:
         """The round's train metrics, evaluate metrics and aggregated flag; then reset."""
         taken = self.train_metrics, self.evaluate_metrics, self.aggregated
         self.train_metrics, self.evaluate_metrics, self.aggregated = {}, {}, False
+        return taken
+
+    def take_site_confusion(self) -> dict[str, dict[str, list[int]]]:
+        """Each site's confusion matrices of the round (from its evaluate reply); then reset."""
+        taken, self.site_confusion = self.site_confusion, {}
         return taken
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -93,6 +102,16 @@ class RecordedStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
+        replies = list(replies)
+        self.site_confusion = {}
+        for msg in replies:
+            if msg.has_error() or not msg.content.metric_records:
+                continue
+            record = next(iter(msg.content.metric_records.values()))
+            name = site_name_in(msg) or f"node {msg.metadata.src_node_id}"
+            self.site_confusion[name] = {
+                key: list(record[key]) for key in (f"{g}-confusion" for g in MODEL_GROUPS)
+                if isinstance(record.get(key), list)}
         metrics = self.inner.aggregate_evaluate(server_round, replies)
         self.evaluate_metrics = dict(metrics) if metrics is not None else {}
         return metrics
@@ -148,6 +167,10 @@ class RunRecorder:
                         arrays={k: v.numpy() for k, v in arrays.items()},
                         strategy_state=state, run_config=self.run_config)
         plot_accuracy(self.rows, self.dir / "accuracy.png", title=self.strategy_name)
+        if row.get("confusion"):
+            plot_confusion(row["confusion"], self.dir / "confusion_matrix.png",
+                           title=f"{self.strategy_name}, round {true_round}: held-out "
+                                 "confusion matrices (colour: share of the true class)")
         self._round_start = time.perf_counter()
         glob = row["global"]
         log(INFO, "Round %s: global accuracy %.4f, balanced accuracy %.4f (pooled held-out "
@@ -163,6 +186,7 @@ class RunRecorder:
                     if k.startswith(prefix) and not isinstance(v, list)}
 
         similarity = {k: v for k, v in train.items() if k.startswith("lsc-")}
+        confusion = self._confusion(evaluate, self.recorded.take_site_confusion())
         similarity["num-personalized-layers"] = len(self.strategy.personalized_layers)
         return {
             "round": true_round,
@@ -177,7 +201,26 @@ class RunRecorder:
             "similarity": similarity,
             "bytes": self.grid.take_traffic(),
             "seconds": round(time.perf_counter() - self._round_start, 2),
+            # K×K counts (rows: true class): pooled over the sites, and each site's
+            "confusion": confusion,
         }
+
+    def _confusion(self, evaluate: Mapping[str, Any],
+                   sites: Mapping[str, Mapping[str, list[int]]]) -> dict[str, Any] | None:
+        """The round's confusion matrices as nested lists, for metrics.jsonl and the plot."""
+        k = len(self.class_names)
+        out: dict[str, Any] = {"classes": list(self.class_names)}
+        for group, name in zip(MODEL_GROUPS, ("global", "personalized")):
+            key = f"{group}-confusion"
+            # a site whose matrix is not K×K is left out here (its scores are wrong anyway)
+            per_site = {site: square for site, m in sites.items()
+                        if key in m and (square := _square(m[key], k)) is not None}
+            pooled = _square(evaluate[key], k) if key in evaluate else None
+            if pooled is None and per_site:
+                pooled = np.sum(list(per_site.values()), axis=0).tolist()
+            if pooled is not None:
+                out[name] = {"pooled": pooled, "sites": per_site}
+        return out if len(out) > 1 else None
 
     def finish(self) -> dict[str, Any]:
         """Final model and summary.json; returns the summary."""
@@ -204,6 +247,13 @@ class RunRecorder:
         }
         atomic_write_json(self.dir / "summary.json", summary)
         return summary
+
+
+def _square(flat: list[int], size: int) -> list[list[int]] | None:
+    """A flat K·K list (as sites send it) -> K rows of K counts; None if it is not K·K."""
+    if len(flat) != size * size:
+        return None
+    return np.asarray(flat, dtype=np.int64).reshape(size, size).tolist()
 
 
 def _mean_traffic(rows: list[dict[str, Any]]) -> dict[str, float]:

@@ -82,8 +82,14 @@ def test_every_results_file_is_written(runs):
     checkpoint = load_checkpoint(out / "checkpoint.pt")
     assert checkpoint["round"] == 2
     assert checkpoint["strategy_state"]["personalized_layers"] == summary["personalized_layers"]
-    for png in ("accuracy.png", "similarity_heatmap.png"):
+    for png in ("accuracy.png", "confusion_matrix.png", "similarity_heatmap.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    confusion = metrics[-1]["confusion"]  # what confusion_matrix.png draws
+    assert sorted(confusion["global"]["sites"]) == ["site-0", "site-1", "site-2"]
+    pooled = np.array(confusion["global"]["pooled"])
+    assert pooled.shape == (7, 7) and pooled.sum() == sum(
+        np.sum(m) for m in confusion["global"]["sites"].values())
+    assert np.trace(pooled) / pooled.sum() == pytest.approx(metrics[-1]["global"]["accuracy"])
     similarity = [json.loads(line) for line in (out / "similarity.jsonl").read_text().splitlines()]
     assert [s["round"] for s in similarity] == [1, 2]
     assert len(similarity[0]["node_ids"]) == 3

@@ -102,3 +102,60 @@ def test_rounds_without_an_update_are_recorded(tmp_path):
     assert [r["aggregated"] for r in recorder.rows] == [False, False]
     assert recorder.rows[0]["failures"]["train"][0]["site"] == "site-0"
     assert recorder.finish()["rounds_aggregated"] == 0
+
+
+def _evaluate_reply(node, site, global_cm, personal_cm):
+    from fedlsc_flwr.wire import site_record
+
+    sent = Message(RecordDict(), dst_node_id=node, message_type=MessageType.EVALUATE)
+    return Message(RecordDict({
+        "metrics": MetricRecord({
+            "num-examples": int(np.sum(global_cm)), "global-loss": 1.0, "personal-loss": 1.0,
+            "global-confusion": [int(v) for v in np.ravel(global_cm)],
+            "personal-confusion": [int(v) for v in np.ravel(personal_cm)]}),
+        "site": site_record(site)}), reply_to=sent)
+
+
+def _recorder(tmp_path, strategy, class_names, **kwargs):
+    from server_app.recorder import RunRecorder
+
+    return RunRecorder(tmp_path, strategy=strategy, grid=MeteredGrid(_Grid()), run_config={},
+                       strategy_name="fedlsc", round_offset=0,
+                       model_info={"backbone": "resnet10t_sa", "image_size": 32,
+                                   "mean": [0.5] * 3, "std": [0.5] * 3},
+                       class_names=class_names, targets=[0.5], **kwargs)
+
+
+def test_confusion_matrices_pooled_and_per_site_are_recorded_and_drawn(tmp_path):
+    import functools
+    import json
+
+    from server_app.recorder import RecordedStrategy
+
+    names = ["a", "b", "c"]
+    strategy = RecordedStrategy(SiteAwareFedAvg(evaluate_metrics_aggr_fn=functools.partial(
+        pooled_evaluate_metrics, class_names=names)))
+    recorder = _recorder(tmp_path, strategy, names)
+    g1, p1 = [[5, 1, 0], [0, 2, 0], [0, 0, 0]], [[6, 0, 0], [0, 2, 0], [0, 0, 0]]
+    g2 = p2 = [[0, 0, 0], [1, 3, 0], [0, 1, 4]]
+    arrays = ArrayRecord({"w": Array(np.zeros(3, np.float32))})
+    recorder(0, arrays)
+    strategy.aggregate_evaluate(1, [_evaluate_reply(1, "hospital-1", g1, p1),
+                                    _evaluate_reply(2, "hospital-2", g2, p2)])
+    recorder(1, arrays)
+    confusion = json.loads((tmp_path / "metrics.jsonl").read_text())["confusion"]
+    assert confusion["classes"] == names
+    assert confusion["global"]["pooled"] == (np.array(g1) + np.array(g2)).tolist()
+    assert confusion["global"]["sites"] == {"hospital-1": g1, "hospital-2": g2}
+    assert confusion["personalized"]["pooled"] == (np.array(p1) + np.array(p2)).tolist()
+    assert confusion["personalized"]["sites"]["hospital-1"] == p1
+    png = tmp_path / "confusion_matrix.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob(".*.tmp"))  # written atomically, no temporary left
+    from PIL import Image
+
+    width, height = Image.open(png).size
+    assert 1.3 < width / height < 1.7  # 3 panels a row (pooled + 2 sites), 2 rows (models)
+    # a later round without evaluation keeps the last drawing, and records no matrices
+    recorder(2, arrays)
+    assert recorder.rows[-1]["confusion"] is None and png.is_file()
