@@ -4,11 +4,13 @@ Files in the results folder (each written atomically):
 ``metrics.jsonl`` one JSON object per round (with the round's confusion matrices, pooled
 and per site); ``similarity.jsonl`` FedLSC's per-layer table per round; ``checkpoint.pt``
 enough to resume; ``global_model.pt`` a self-describing model file; ``summary.json``;
-``accuracy.png``, ``confusion_matrix.png`` and ``similarity_heatmap.png``.
+``accuracy.png``, ``confusion_matrix.png`` and ``similarity_heatmap.png``; with
+``tensorboard = true``, every round's metrics as TensorBoard scalars in ``tensorboard/``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 from collections.abc import Iterable, Mapping
@@ -22,6 +24,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedlsc_common.settings import ConfigError
 from fedlsc_common.storage import atomic_write_json, atomic_write_text, save_checkpoint, save_model
 from fedlsc_flwr.metrics import MODEL_GROUPS
 from fedlsc_flwr.strategy import SiteTracking
@@ -120,6 +123,35 @@ class RecordedStrategy(Strategy):
         self.inner.summary()
 
 
+class TensorBoardLog:
+    """Every recorded round's numbers as TensorBoard scalars (``group/metric`` at step =
+    round), for watching a run with ``tensorboard --logdir RESULTS_DIR``."""
+
+    GROUPS = ("global", "personalized", "train", "similarity", "bytes")
+
+    def __init__(self, folder: Path, first_round: int = 1) -> None:
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("run config 'tensorboard' = true needs the tensorboard package: "
+                              "pip install 'fedlsc-flwr[tensorboard]' (or set it to false)")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.folder = folder
+        # purge_step: what an earlier run logged here from this round on is replaced
+        self.writer = SummaryWriter(str(folder), purge_step=first_round)
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        step = int(row["round"])
+        for group in self.GROUPS:
+            for key, value in (row.get(group) or {}).items():
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    self.writer.add_scalar(f"{group}/{key}", value, step)
+        self.writer.add_scalar("time/seconds-per-round", row["seconds"], step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 class RunRecorder:
     """Writes a row per round and a checkpoint, as Flower's ``evaluate_fn`` (called last
     in every round), from what :class:`RecordedStrategy` kept of the round."""
@@ -127,7 +159,8 @@ class RunRecorder:
     def __init__(self, results_dir: Path, *, strategy: RecordedStrategy, grid: MeteredGrid,
                  run_config: Mapping[str, Any], strategy_name: str, round_offset: int,
                  model_info: Mapping[str, Any], class_names: list[str],
-                 targets: list[float], previous_rows: list[dict[str, Any]] | None = None) -> None:
+                 targets: list[float], previous_rows: list[dict[str, Any]] | None = None,
+                 tensorboard: TensorBoardLog | None = None) -> None:
         self.dir = results_dir
         self.recorded = strategy
         self.strategy = strategy.inner
@@ -139,6 +172,9 @@ class RunRecorder:
         self.class_names = class_names
         self.targets = targets
         self.rows: list[dict[str, Any]] = list(previous_rows or [])
+        self.tensorboard = tensorboard
+        for row in self.rows if tensorboard is not None else []:
+            tensorboard.write(row)  # a resumed run's log holds its earlier rounds too
         self._round_start = time.perf_counter()
         self.last_arrays: ArrayRecord | None = None
 
@@ -153,6 +189,8 @@ class RunRecorder:
         self.last_arrays = arrays
         atomic_write_text(self.dir / "metrics.jsonl",
                           "".join(json.dumps(r) + "\n" for r in self.rows))
+        if self.tensorboard is not None:
+            self.tensorboard.write(row)
         report = self.strategy.last_report
         if report is not None and report.server_round == server_round:
             as_json = report.to_json()
@@ -246,6 +284,8 @@ class RunRecorder:
             "config": self.run_config,
         }
         atomic_write_json(self.dir / "summary.json", summary)
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         return summary
 
 

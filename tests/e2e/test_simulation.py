@@ -58,7 +58,7 @@ def flower(tmp_path_factory, stop_processes, own_local_superlink):
 def runs(flower, tmp_path_factory):
     base = tmp_path_factory.mktemp("runs")
     flower(base / "prox", strategy__proximal_mu="1.0")
-    flower(base / "noprox", strategy__proximal_mu="0.0")
+    flower(base / "noprox", strategy__proximal_mu="0.0", tensorboard="true")
     return base
 
 
@@ -155,3 +155,16 @@ def test_resume_continues_at_the_next_round(flower, runs, tmp_path):
     assert after["personalized_layers"] == before["personalized_layers"]
     assert load_checkpoint(out / "checkpoint.pt")["round"] == 3
     assert resumed[2]["similarity"]["num-personalized-layers"] == len(before["personalized_layers"])
+
+
+def test_tensorboard_logs_the_rounds_when_asked(runs):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert not (runs / "prox" / "tensorboard").exists()  # off by default
+    events = EventAccumulator(str(runs / "noprox" / "tensorboard"))
+    events.Reload()
+    accuracy = events.Scalars("global/accuracy")
+    assert [e.step for e in accuracy] == [1, 2]
+    assert [e.value for e in accuracy] == pytest.approx(
+        [r["global"]["accuracy"] for r in rows(runs / "noprox")])

@@ -159,3 +159,81 @@ def test_confusion_matrices_pooled_and_per_site_are_recorded_and_drawn(tmp_path)
     # a later round without evaluation keeps the last drawing, and records no matrices
     recorder(2, arrays)
     assert recorder.rows[-1]["confusion"] is None and png.is_file()
+
+
+def _scalars(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [(s.step, s.value) for s in events.Scalars(tag)]
+            for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_logs_every_round(tmp_path):
+    pytest.importorskip("tensorboard")
+    import functools
+
+    from server_app.recorder import RecordedStrategy, TensorBoardLog
+
+    names = ["a", "b", "c"]
+    strategy = RecordedStrategy(SiteAwareFedAvg(evaluate_metrics_aggr_fn=functools.partial(
+        pooled_evaluate_metrics, class_names=names)))
+    recorder = _recorder(tmp_path, strategy, names,
+                         tensorboard=TensorBoardLog(tmp_path / "tensorboard"))
+    arrays = ArrayRecord({"w": Array(np.zeros(3, np.float32))})
+    recorder(0, arrays)
+    for server_round, right in ((1, 3), (2, 5)):
+        cm = [[right, 6 - right, 0], [0, 4, 0], [0, 0, 0]]
+        strategy.aggregate_evaluate(server_round, [_evaluate_reply(1, "h1", cm, cm)])
+        recorder(server_round, arrays)
+    recorder.finish()
+    scalars = _scalars(tmp_path / "tensorboard")
+    accuracy = scalars["global/accuracy"]
+    assert [step for step, _ in accuracy] == [1, 2]
+    assert [v for _, v in accuracy] == pytest.approx([r["global"]["accuracy"]
+                                                      for r in recorder.rows])
+    assert accuracy[1][1] == pytest.approx(9 / 10)
+    assert "personalized/balanced-accuracy" in scalars and "time/seconds-per-round" in scalars
+
+
+def test_tensorboard_of_a_resumed_run_holds_every_round_once(tmp_path):
+    pytest.importorskip("tensorboard")
+    from server_app.recorder import RecordedStrategy, TensorBoardLog
+
+    def row(step, accuracy):
+        return {"round": step, "global": {"accuracy": accuracy}, "seconds": 1.0}
+
+    first = TensorBoardLog(tmp_path / "tensorboard")
+    for step in (1, 2, 3):  # round 3 was logged, but the run stopped before its checkpoint
+        first.write(row(step, 0.1 * step))
+    first.close()
+    # resumed from round 2's checkpoint, into the same folder: rounds 1-2 come from
+    # metrics.jsonl, round 3 is run again
+    recorder = _recorder(tmp_path, RecordedStrategy(SiteAwareFedAvg()), ["a", "b"],
+                         previous_rows=[row(1, 0.1), row(2, 0.2)],
+                         tensorboard=TensorBoardLog(tmp_path / "tensorboard"))
+    recorder.tensorboard.write(row(3, 0.9))
+    recorder.tensorboard.close()
+    values = _scalars(tmp_path / "tensorboard")["global/accuracy"]
+    assert [s for s, _ in values] == [1, 2, 3]
+    assert [v for _, v in values] == pytest.approx([0.1, 0.2, 0.9])
+    other = TensorBoardLog(tmp_path / "elsewhere")  # resumed into a new results folder
+    _recorder(tmp_path, RecordedStrategy(SiteAwareFedAvg()), ["a", "b"],
+              previous_rows=[row(1, 0.1), row(2, 0.2)], tensorboard=other)
+    other.close()
+    assert [s for s, _ in _scalars(tmp_path / "elsewhere")["global/accuracy"]] == [1, 2]
+
+
+def test_tensorboard_without_the_package_names_the_extra(tmp_path, monkeypatch):
+    import importlib.util
+
+    from fedlsc_common.settings import ConfigError
+    from server_app.recorder import TensorBoardLog
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"true needs .*fedlsc-flwr\[tensorboard\]"):
+        TensorBoardLog(tmp_path / "tb")
+    assert not (tmp_path / "tb").exists()
