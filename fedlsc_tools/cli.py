@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -342,11 +343,17 @@ class HelpFormatter(argparse.HelpFormatter):
                 prose.append(line)
                 continue
             if prose:
-                out.append(super()._fill_text(" ".join(prose), width, indent))
+                out.append(textwrap.fill(" ".join(" ".join(prose).split()), width,
+                                         initial_indent=indent, subsequent_indent=indent,
+                                         break_on_hyphens=False))
                 prose = []
             if line is not None:
                 out.append(indent + line if line.strip() else "")
         return "\n".join(out)
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        # never break "min-train-nodes" or "fedlsc-experiment" at a hyphen
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
