@@ -229,7 +229,7 @@ def test_predict_progress_bar_only_on_a_terminal(tmp_path, model_file, monkeypat
                      "--out", str(tmp_path / "p.csv"), "--batch-size", "2"]) == 0
         assert ("fedlsc predict: 100%" in stderr.getvalue() and "3/3" in stderr.getvalue()) \
             == shown
-        assert shown or stderr.getvalue() == ""
+        assert shown or "%|" not in stderr.getvalue()
 
 
 def test_readme_shows_every_command_and_option():
