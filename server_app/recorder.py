@@ -112,9 +112,10 @@ class RecordedStrategy(Strategy):
                 continue
             record = next(iter(msg.content.metric_records.values()))
             name = site_name_in(msg) or f"node {msg.metadata.src_node_id}"
-            self.site_confusion[name] = {
-                key: list(record[key]) for key in (f"{g}-confusion" for g in MODEL_GROUPS)
-                if isinstance(record.get(key), list)}
+            matrices = {key: record.get(key) for key in (f"{g}-confusion" for g in MODEL_GROUPS)}
+            self.site_confusion[name] = {key: [int(v) for v in value]
+                                         for key, value in matrices.items()
+                                         if isinstance(value, list)}
         metrics = self.inner.aggregate_evaluate(server_round, replies)
         self.evaluate_metrics = dict(metrics) if metrics is not None else {}
         return metrics
@@ -173,8 +174,9 @@ class RunRecorder:
         self.targets = targets
         self.rows: list[dict[str, Any]] = list(previous_rows or [])
         self.tensorboard = tensorboard
-        for row in self.rows if tensorboard is not None else []:
-            tensorboard.write(row)  # a resumed run's log holds its earlier rounds too
+        if tensorboard is not None:
+            for row in self.rows:  # a resumed run's log holds its earlier rounds too
+                tensorboard.write(row)
         self._round_start = time.perf_counter()
         self.last_arrays: ArrayRecord | None = None
 
