@@ -150,6 +150,7 @@ class Settings:
     round_timeout: int
     wait_for_sites_seconds: int
     device: str
+    tensorboard: bool
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> Settings:

@@ -23,7 +23,13 @@ from fedlsc_common.storage import FolderInUse, atomic_write_text, load_checkpoin
 from fedlsc_flwr.metrics import pooled_evaluate_metrics
 from fedlsc_flwr.model import build_model
 from fedlsc_flwr.wire import array_from_numpy
-from server_app.recorder import MeteredGrid, RecordedStrategy, RunRecorder, read_rows
+from server_app.recorder import (
+    MeteredGrid,
+    RecordedStrategy,
+    RunRecorder,
+    TensorBoardLog,
+    read_rows,
+)
 
 app = ServerApp()
 
@@ -87,6 +93,12 @@ def main(grid: Grid, context: Context) -> None:
             settings.num_server_rounds)
         return
 
+    try:
+        tensorboard = TensorBoardLog(results_dir / "tensorboard") if settings.tensorboard \
+            else None
+    except ConfigError as err:
+        log(ERROR, "Configuration error: %s", err)
+        raise
     wait_for_sites(grid, settings.min_available_nodes, settings.wait_for_sites_seconds)
     metered = MeteredGrid(grid)
     recorded = RecordedStrategy(strategy)
@@ -96,7 +108,8 @@ def main(grid: Grid, context: Context) -> None:
         model_info={"backbone": settings.model.backbone,
                     "image_size": settings.dataset.image_size,
                     "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-        class_names=list(CLASSES), targets=settings.targets, previous_rows=rows)
+        class_names=list(CLASSES), targets=settings.targets, previous_rows=rows,
+        tensorboard=tensorboard)
     recorded.start(grid=metered, initial_arrays=arrays, num_rounds=remaining,
                    timeout=float(settings.round_timeout),
                    train_config=ConfigRecord({"round-offset": done}),

@@ -74,3 +74,60 @@ def plot_similarity_heatmap(report: Mapping[str, Any], path: str | Path) -> Path
     ax.set_title(f"layer similarity, round {report.get('round')} "
                  "(★ personalized: kept on the sites, grey once no longer compared)", fontsize=9)
     return _save(fig, path)
+
+
+#: Sites drawn one by one in the confusion plot; beyond this only the pooled matrix is drawn.
+MAX_SITE_PANELS = 8
+
+
+def plot_confusion(confusion: Mapping[str, Any], path: str | Path, title: str = "") -> Path:
+    """Confusion matrices of a round: one row per model (global; personalized when it
+    differs), the pooled held-out data of all sites first, then each site's.
+
+    ``confusion`` is a ``metrics.jsonl`` row's ``confusion`` entry: ``classes`` and per
+    model ``{"pooled": K×K counts, "sites": {name: K×K counts}}`` (rows: true class).
+    Colour is the share of each true class (recall on the diagonal); cells print counts.
+    """
+    classes = list(confusion["classes"])
+    groups = [g for g in ("global", "personalized") if confusion.get(g)]
+    if "personalized" in groups and confusion["personalized"] == confusion.get("global"):
+        groups.remove("personalized")  # nothing personalized: the same matrices twice
+    panels = []
+    for group in groups:
+        sites = confusion[group].get("sites", {})
+        row = [(f"{group} model, pooled ({len(sites)} sites)", confusion[group]["pooled"])]
+        if len(sites) <= MAX_SITE_PANELS:
+            row += [(f"{group} model, {name}", m) for name, m in sorted(sites.items())]
+        panels.append(row)
+    if not panels:
+        raise ValueError("no confusion matrix to plot")
+    ncols = max(len(row) for row in panels)
+    size = 1.2 + 0.38 * len(classes)
+    fig, axes = plt.subplots(len(panels), ncols, figsize=(size * ncols, size * len(panels)),
+                             squeeze=False)
+    for r, row in enumerate(panels):
+        for c in range(ncols):
+            ax = axes[r][c]
+            if c >= len(row):
+                ax.axis("off")
+                continue
+            name, counts = row[c]
+            counts = np.asarray(counts, dtype=float)
+            totals = counts.sum(axis=1, keepdims=True)
+            share = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+            ax.imshow(share, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+            for i, j in np.ndindex(counts.shape):
+                if counts[i, j]:
+                    ax.text(j, i, f"{int(counts[i, j])}", ha="center", va="center",
+                            fontsize=6, color="white" if share[i, j] > 0.5 else "black")
+            ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
+            ax.set_yticks(range(len(classes)), classes, fontsize=7)
+            ax.set_title(f"{name}\n{int(counts.sum())} images, "
+                         f"accuracy {np.trace(counts) / max(counts.sum(), 1):.2f}", fontsize=8)
+            if c == 0:
+                ax.set_ylabel("true class", fontsize=8)
+            if r == len(panels) - 1:
+                ax.set_xlabel("predicted class", fontsize=8)
+    fig.suptitle(title or "confusion matrices (colour: share of the true class)", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)

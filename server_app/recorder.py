@@ -1,13 +1,16 @@
 """What the ServerApp records each round: metrics, traffic, checkpoints, plots, summary.
 
 Files in the results folder (each written atomically):
-``metrics.jsonl`` one JSON object per round; ``similarity.jsonl`` FedLSC's per-layer
-table per round; ``checkpoint.pt`` enough to resume; ``global_model.pt`` a self-describing
-model file; ``summary.json``; ``accuracy.png`` and ``similarity_heatmap.png``.
+``metrics.jsonl`` one JSON object per round (with the round's confusion matrices, pooled
+and per site); ``similarity.jsonl`` FedLSC's per-layer table per round; ``checkpoint.pt``
+enough to resume; ``global_model.pt`` a self-describing model file; ``summary.json``;
+``accuracy.png``, ``confusion_matrix.png`` and ``similarity_heatmap.png``; with
+``tensorboard = true``, every round's metrics as TensorBoard scalars in ``tensorboard/``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 from collections.abc import Iterable, Mapping
@@ -21,10 +24,12 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedlsc_common.settings import ConfigError
 from fedlsc_common.storage import atomic_write_json, atomic_write_text, save_checkpoint, save_model
+from fedlsc_flwr.metrics import MODEL_GROUPS
 from fedlsc_flwr.strategy import SiteTracking
-from fedlsc_flwr.wire import message_bytes
-from server_app.plots import plot_accuracy, plot_similarity_heatmap
+from fedlsc_flwr.wire import message_bytes, site_name_in
+from server_app.plots import plot_accuracy, plot_confusion, plot_similarity_heatmap
 
 
 class MeteredGrid:
@@ -68,12 +73,19 @@ class RecordedStrategy(Strategy):
         self.inner = inner
         self.train_metrics: dict[str, Any] = {}
         self.evaluate_metrics: dict[str, Any] = {}
+        #: each site's flat confusion matrices of the round: {site: {"global-confusion": [...]}}
+        self.site_confusion: dict[str, dict[str, list[int]]] = {}
         self.aggregated = False  # False: too few usable replies, the model was kept
 
     def take_round(self) -> tuple[dict[str, Any], dict[str, Any], bool]:
         """The round's train metrics, evaluate metrics and aggregated flag; then reset."""
         taken = self.train_metrics, self.evaluate_metrics, self.aggregated
         self.train_metrics, self.evaluate_metrics, self.aggregated = {}, {}, False
+        return taken
+
+    def take_site_confusion(self) -> dict[str, dict[str, list[int]]]:
+        """Each site's confusion matrices of the round (from its evaluate reply); then reset."""
+        taken, self.site_confusion = self.site_confusion, {}
         return taken
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -93,12 +105,52 @@ class RecordedStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
+        replies = list(replies)
+        self.site_confusion = {}
+        for msg in replies:
+            if msg.has_error() or not msg.content.metric_records:
+                continue
+            record = next(iter(msg.content.metric_records.values()))
+            name = site_name_in(msg) or f"node {msg.metadata.src_node_id}"
+            matrices = {key: record.get(key) for key in (f"{g}-confusion" for g in MODEL_GROUPS)}
+            self.site_confusion[name] = {key: [int(v) for v in value]
+                                         for key, value in matrices.items()
+                                         if isinstance(value, list)}
         metrics = self.inner.aggregate_evaluate(server_round, replies)
         self.evaluate_metrics = dict(metrics) if metrics is not None else {}
         return metrics
 
     def summary(self) -> None:
         self.inner.summary()
+
+
+class TensorBoardLog:
+    """Every recorded round's numbers as TensorBoard scalars (``group/metric`` at step =
+    round), for watching a run with ``tensorboard --logdir RESULTS_DIR``."""
+
+    GROUPS = ("global", "personalized", "train", "similarity", "bytes")
+
+    def __init__(self, folder: Path, first_round: int = 1) -> None:
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("run config 'tensorboard' = true needs the tensorboard package: "
+                              "pip install 'fedlsc-flwr[tensorboard]' (or set it to false)")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.folder = folder
+        # purge_step: what an earlier run logged here from this round on is replaced
+        self.writer = SummaryWriter(str(folder), purge_step=first_round)
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        step = int(row["round"])
+        for group in self.GROUPS:
+            for key, value in (row.get(group) or {}).items():
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    self.writer.add_scalar(f"{group}/{key}", value, step)
+        self.writer.add_scalar("time/seconds-per-round", row["seconds"], step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 class RunRecorder:
@@ -108,7 +160,8 @@ class RunRecorder:
     def __init__(self, results_dir: Path, *, strategy: RecordedStrategy, grid: MeteredGrid,
                  run_config: Mapping[str, Any], strategy_name: str, round_offset: int,
                  model_info: Mapping[str, Any], class_names: list[str],
-                 targets: list[float], previous_rows: list[dict[str, Any]] | None = None) -> None:
+                 targets: list[float], previous_rows: list[dict[str, Any]] | None = None,
+                 tensorboard: TensorBoardLog | None = None) -> None:
         self.dir = results_dir
         self.recorded = strategy
         self.strategy = strategy.inner
@@ -120,6 +173,10 @@ class RunRecorder:
         self.class_names = class_names
         self.targets = targets
         self.rows: list[dict[str, Any]] = list(previous_rows or [])
+        self.tensorboard = tensorboard
+        if tensorboard is not None:
+            for row in self.rows:  # a resumed run's log holds its earlier rounds too
+                tensorboard.write(row)
         self._round_start = time.perf_counter()
         self.last_arrays: ArrayRecord | None = None
         # A run resumed after stage 1 must not redraw the stage-1 heatmap with a later round.
@@ -142,6 +199,8 @@ class RunRecorder:
         self.last_arrays = arrays
         atomic_write_text(self.dir / "metrics.jsonl",
                           "".join(json.dumps(r) + "\n" for r in self.rows))
+        if self.tensorboard is not None:
+            self.tensorboard.write(row)
         report = self.strategy.last_report
         if report is not None and report.server_round == server_round:
             as_json = report.to_json()
@@ -156,6 +215,10 @@ class RunRecorder:
                         arrays={k: v.numpy() for k, v in arrays.items()},
                         strategy_state=state, run_config=self.run_config)
         plot_accuracy(self.rows, self.dir / "accuracy.png", title=self.strategy_name)
+        if row.get("confusion"):
+            plot_confusion(row["confusion"], self.dir / "confusion_matrix.png",
+                           title=f"{self.strategy_name}, round {true_round}: held-out "
+                                 "confusion matrices (colour: share of the true class)")
         self._round_start = time.perf_counter()
         glob, own = row["global"], row["personalized"]
         if self.global_model_scored:
@@ -178,6 +241,7 @@ class RunRecorder:
                     if k.startswith(prefix) and not isinstance(v, list)}
 
         similarity = {k: v for k, v in train.items() if k.startswith("lsc-")}
+        confusion = self._confusion(evaluate, self.recorded.take_site_confusion())
         similarity["num-personalized-layers"] = len(self.strategy.personalized_layers)
         return {
             "round": true_round,
@@ -194,7 +258,26 @@ class RunRecorder:
             "similarity": similarity,
             "bytes": self.grid.take_traffic(),
             "seconds": round(time.perf_counter() - self._round_start, 2),
+            # K×K counts (rows: true class): pooled over the sites, and each site's
+            "confusion": confusion,
         }
+
+    def _confusion(self, evaluate: Mapping[str, Any],
+                   sites: Mapping[str, Mapping[str, list[int]]]) -> dict[str, Any] | None:
+        """The round's confusion matrices as nested lists, for metrics.jsonl and the plot."""
+        k = len(self.class_names)
+        out: dict[str, Any] = {"classes": list(self.class_names)}
+        for group, name in zip(MODEL_GROUPS, ("global", "personalized")):
+            key = f"{group}-confusion"
+            # a site whose matrix is not K×K is left out here (its scores are wrong anyway)
+            per_site = {site: square for site, m in sites.items()
+                        if key in m and (square := _square(m[key], k)) is not None}
+            pooled = _square(evaluate[key], k) if key in evaluate else None
+            if pooled is None and per_site:
+                pooled = np.sum(list(per_site.values()), axis=0).tolist()
+            if pooled is not None:
+                out[name] = {"pooled": pooled, "sites": per_site}
+        return out if len(out) > 1 else None
 
     def finish(self) -> dict[str, Any]:
         """Final model and summary.json; returns the summary."""
@@ -224,7 +307,16 @@ class RunRecorder:
             "config": self.run_config,
         }
         atomic_write_json(self.dir / "summary.json", summary)
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         return summary
+
+
+def _square(flat: list[int], size: int) -> list[list[int]] | None:
+    """A flat K·K list (as sites send it) -> K rows of K counts; None if it is not K·K."""
+    if len(flat) != size * size:
+        return None
+    return np.asarray(flat, dtype=np.int64).reshape(size, size).tolist()
 
 
 def _mean_traffic(rows: list[dict[str, Any]]) -> dict[str, float]:

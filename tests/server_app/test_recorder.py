@@ -104,7 +104,7 @@ def test_rounds_without_an_update_are_recorded(tmp_path):
     assert recorder.finish()["rounds_aggregated"] == 0
 
 
-def _recorder(tmp_path, inner, name="fedlsc"):
+def _recorded_run(tmp_path, inner, name="fedlsc"):
     from server_app.recorder import RecordedStrategy, RunRecorder
 
     recorded = RecordedStrategy(inner)
@@ -130,7 +130,7 @@ def _evaluated(recorded, accuracy):
 def test_global_model_with_never_trained_layers_is_not_scored(tmp_path, name, inner, scored):
     from fedlsc_tools.cli import finished_line
 
-    recorded, recorder = _recorder(tmp_path, inner(), name)
+    recorded, recorder = _recorded_run(tmp_path, inner(), name)
     arrays = ArrayRecord({"w": Array(np.zeros(3, np.float32))})
     recorder(0, arrays)
     _evaluated(recorded, 0.7)
@@ -161,7 +161,7 @@ def _report(server_round):
 def test_stage1_heatmap_is_drawn_once_and_not_redrawn_after_a_resume(tmp_path):
     arrays = ArrayRecord({"w": Array(np.zeros(3, np.float32))})
     fresh = FedLSC()
-    recorded, recorder = _recorder(tmp_path / "fresh", fresh)
+    recorded, recorder = _recorded_run(tmp_path / "fresh", fresh)
     recorder(0, arrays)
     fresh.stage1_round, fresh.last_report = 1, _report(1)
     recorder(1, arrays)
@@ -169,9 +169,142 @@ def test_stage1_heatmap_is_drawn_once_and_not_redrawn_after_a_resume(tmp_path):
 
     resumed = FedLSC()
     resumed.load_state_dict({"personalized_layers": [], "stage1_round": 1})
-    recorded, recorder = _recorder(tmp_path / "resumed", resumed)
+    recorded, recorder = _recorded_run(tmp_path / "resumed", resumed)
     recorder(0, arrays)
     resumed.last_report = _report(1)  # round 1 of start() after the resume: a later round
     recorder(1, arrays)
     assert (tmp_path / "resumed" / "similarity_heatmap.png").is_file()
     assert not (tmp_path / "resumed" / "similarity_heatmap_stage1.png").exists()
+def _evaluate_reply(node, site, global_cm, personal_cm):
+    from fedlsc_flwr.wire import site_record
+
+    sent = Message(RecordDict(), dst_node_id=node, message_type=MessageType.EVALUATE)
+    return Message(RecordDict({
+        "metrics": MetricRecord({
+            "num-examples": int(np.sum(global_cm)), "global-loss": 1.0, "personal-loss": 1.0,
+            "global-confusion": [int(v) for v in np.ravel(global_cm)],
+            "personal-confusion": [int(v) for v in np.ravel(personal_cm)]}),
+        "site": site_record(site)}), reply_to=sent)
+
+
+def _recorder(tmp_path, strategy, class_names, **kwargs):
+    from server_app.recorder import RunRecorder
+
+    return RunRecorder(tmp_path, strategy=strategy, grid=MeteredGrid(_Grid()), run_config={},
+                       strategy_name="fedlsc", round_offset=0,
+                       model_info={"backbone": "resnet10t_sa", "image_size": 32,
+                                   "mean": [0.5] * 3, "std": [0.5] * 3},
+                       class_names=class_names, targets=[0.5], **kwargs)
+
+
+def test_confusion_matrices_pooled_and_per_site_are_recorded_and_drawn(tmp_path):
+    import functools
+    import json
+
+    from server_app.recorder import RecordedStrategy
+
+    names = ["a", "b", "c"]
+    strategy = RecordedStrategy(SiteAwareFedAvg(evaluate_metrics_aggr_fn=functools.partial(
+        pooled_evaluate_metrics, class_names=names)))
+    recorder = _recorder(tmp_path, strategy, names)
+    g1, p1 = [[5, 1, 0], [0, 2, 0], [0, 0, 0]], [[6, 0, 0], [0, 2, 0], [0, 0, 0]]
+    g2 = p2 = [[0, 0, 0], [1, 3, 0], [0, 1, 4]]
+    arrays = ArrayRecord({"w": Array(np.zeros(3, np.float32))})
+    recorder(0, arrays)
+    strategy.aggregate_evaluate(1, [_evaluate_reply(1, "hospital-1", g1, p1),
+                                    _evaluate_reply(2, "hospital-2", g2, p2)])
+    recorder(1, arrays)
+    confusion = json.loads((tmp_path / "metrics.jsonl").read_text())["confusion"]
+    assert confusion["classes"] == names
+    assert confusion["global"]["pooled"] == (np.array(g1) + np.array(g2)).tolist()
+    assert confusion["global"]["sites"] == {"hospital-1": g1, "hospital-2": g2}
+    assert confusion["personalized"]["pooled"] == (np.array(p1) + np.array(p2)).tolist()
+    assert confusion["personalized"]["sites"]["hospital-1"] == p1
+    png = tmp_path / "confusion_matrix.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob(".*.tmp"))  # written atomically, no temporary left
+    from PIL import Image
+
+    width, height = Image.open(png).size
+    assert 1.3 < width / height < 1.7  # 3 panels a row (pooled + 2 sites), 2 rows (models)
+    # a later round without evaluation keeps the last drawing, and records no matrices
+    recorder(2, arrays)
+    assert recorder.rows[-1]["confusion"] is None and png.is_file()
+
+
+def _scalars(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [(s.step, s.value) for s in events.Scalars(tag)]
+            for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_logs_every_round(tmp_path):
+    pytest.importorskip("tensorboard")
+    import functools
+
+    from server_app.recorder import RecordedStrategy, TensorBoardLog
+
+    names = ["a", "b", "c"]
+    strategy = RecordedStrategy(SiteAwareFedAvg(evaluate_metrics_aggr_fn=functools.partial(
+        pooled_evaluate_metrics, class_names=names)))
+    recorder = _recorder(tmp_path, strategy, names,
+                         tensorboard=TensorBoardLog(tmp_path / "tensorboard"))
+    arrays = ArrayRecord({"w": Array(np.zeros(3, np.float32))})
+    recorder(0, arrays)
+    for server_round, right in ((1, 3), (2, 5)):
+        cm = [[right, 6 - right, 0], [0, 4, 0], [0, 0, 0]]
+        strategy.aggregate_evaluate(server_round, [_evaluate_reply(1, "h1", cm, cm)])
+        recorder(server_round, arrays)
+    recorder.finish()
+    scalars = _scalars(tmp_path / "tensorboard")
+    accuracy = scalars["global/accuracy"]
+    assert [step for step, _ in accuracy] == [1, 2]
+    assert [v for _, v in accuracy] == pytest.approx([r["global"]["accuracy"]
+                                                      for r in recorder.rows])
+    assert accuracy[1][1] == pytest.approx(9 / 10)
+    assert "personalized/balanced-accuracy" in scalars and "time/seconds-per-round" in scalars
+
+
+def test_tensorboard_of_a_resumed_run_holds_every_round_once(tmp_path):
+    pytest.importorskip("tensorboard")
+    from server_app.recorder import RecordedStrategy, TensorBoardLog
+
+    def row(step, accuracy):
+        return {"round": step, "global": {"accuracy": accuracy}, "seconds": 1.0}
+
+    first = TensorBoardLog(tmp_path / "tensorboard")
+    for step in (1, 2, 3):  # round 3 was logged, but the run stopped before its checkpoint
+        first.write(row(step, 0.1 * step))
+    first.close()
+    # resumed from round 2's checkpoint, into the same folder: rounds 1-2 come from
+    # metrics.jsonl, round 3 is run again
+    recorder = _recorder(tmp_path, RecordedStrategy(SiteAwareFedAvg()), ["a", "b"],
+                         previous_rows=[row(1, 0.1), row(2, 0.2)],
+                         tensorboard=TensorBoardLog(tmp_path / "tensorboard"))
+    recorder.tensorboard.write(row(3, 0.9))
+    recorder.tensorboard.close()
+    values = _scalars(tmp_path / "tensorboard")["global/accuracy"]
+    assert [s for s, _ in values] == [1, 2, 3]
+    assert [v for _, v in values] == pytest.approx([0.1, 0.2, 0.9])
+    other = TensorBoardLog(tmp_path / "elsewhere")  # resumed into a new results folder
+    _recorder(tmp_path, RecordedStrategy(SiteAwareFedAvg()), ["a", "b"],
+              previous_rows=[row(1, 0.1), row(2, 0.2)], tensorboard=other)
+    other.close()
+    assert [s for s, _ in _scalars(tmp_path / "elsewhere")["global/accuracy"]] == [1, 2]
+
+
+def test_tensorboard_without_the_package_names_the_extra(tmp_path, monkeypatch):
+    import importlib.util
+
+    from fedlsc_common.settings import ConfigError
+    from server_app.recorder import TensorBoardLog
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"true needs .*fedlsc-flwr\[tensorboard\]"):
+        TensorBoardLog(tmp_path / "tb")
+    assert not (tmp_path / "tb").exists()
