@@ -20,7 +20,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
-from client_app.site import Site, site_name
+from client_app import IMPORT_STARTED
+from client_app.site import Site, apply_thread_setting, site_name
 from client_app.training import confusion_matrix
 from fedlsc_common.classes import CLASSES
 from fedlsc_flwr.metrics import classification_metrics
@@ -105,6 +106,7 @@ def _named_failures(handler: Callable[[Message, Context], Message]
 
 
 def _site(context: Context) -> Site:
+    apply_thread_setting(context.node_config)  # before any torch work of this process
     return Site.for_run(context.run_config, context.node_config, context.run_id)
 
 

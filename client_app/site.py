@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,9 @@ from fedlsc_flwr.wire import is_personalized, layer_of
 
 logger = logging.getLogger("flwr")
 
+#: Torch threads of a site's ClientApp processes, when its node config has no
+#: ``num-threads`` (0 or unset: torch's default, one per core).
+NUM_THREADS_ENV = "FEDLSC_NUM_THREADS"
 LOCAL_STATE_FILE = "local_state.pt"
 PERSONALIZED_LIST_FILE = "personalized_layers.json"
 PERSONAL_MODEL_FILE = "personalized_model.pt"
@@ -46,6 +50,34 @@ def site_name(node_config: Mapping[str, Any]) -> str:
     """The site's name: ``site-name`` from the node config, else ``site-<partition-id>``."""
     pid = int(node_config.get("partition-id", 0))
     return str(node_config.get("site-name", "") or f"site-{pid}")
+
+
+def thread_setting(node_config: Mapping[str, Any]) -> int:
+    """Torch threads for this SuperNode's ClientApps: node config ``num-threads``, else
+    $FEDLSC_NUM_THREADS, else 0 (torch's default: one per core). Several SuperNodes on
+    one host set it to cores / SuperNodes, or they oversubscribe the cores."""
+    if "num-threads" in node_config:
+        raw, where = node_config["num-threads"], "node config 'num-threads'"
+    else:
+        raw, where = os.environ.get(NUM_THREADS_ENV, "0"), f"${NUM_THREADS_ENV}"
+    try:
+        threads = int(str(raw).strip() or 0)
+    except ValueError:
+        threads = -1
+    if threads < 0 or isinstance(raw, bool | float):
+        raise ValueError(f"{where} = {raw!r}: must be a whole number of threads >= 0 "
+                         "(0 = torch's default)")
+    return threads
+
+
+def apply_thread_setting(node_config: Mapping[str, Any]) -> int:
+    """Set torch's intra-op threads from :func:`thread_setting`; returns the count in use."""
+    threads = thread_setting(node_config)
+    if threads and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+        logger.info("%s: torch uses %d thread(s) (num-threads)", site_name(node_config),
+                    threads)
+    return torch.get_num_threads()
 
 
 @dataclass(frozen=True)
