@@ -1,9 +1,13 @@
 """Flower ClientApp of a hospital: train on its own images, evaluate on its own held-out set.
 
 Personalized layers (named by the server's ``personalized-layers`` config entry) are
-restored from the site's own weights (``context.state``, else its disk) and never sent
-back: the reply holds exactly the keys the server sent. The work is done by
-:class:`client_app.site.Site`; this module only reads and writes messages.
+restored from the site's own weights on its disk and never sent back: the reply holds
+exactly the keys the server sent. The work is done by :class:`client_app.site.Site`;
+this module only reads and writes messages.
+
+The site's weights are not kept in ``context.state``: deployed, Flower ships the context
+to every ClientApp process and back (a whole model each way, per message), while the
+site's disk has them anyway, for a restart.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ import time
 from collections.abc import Callable
 from logging import INFO
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
@@ -40,7 +43,6 @@ from fedlsc_flwr.wire import (
 )
 
 app = ClientApp()
-STATE_KEY = "local-state"  # the site's last trained weights in context.state
 IMPORTED = time.time()
 _first_message = True  # the first message this process handles pays its start-up
 
@@ -115,12 +117,6 @@ def _round(msg: Message) -> int:
     return int(config["server-round"]) + int(config.get("round-offset", 0))
 
 
-def _local_state(site: Site, context: Context) -> dict[str, torch.Tensor] | None:
-    if STATE_KEY in context.state.array_records:
-        return context.state.array_records[STATE_KEY].to_torch_state_dict()
-    return site.load_local_state()  # e.g. after a SuperNode restart
-
-
 @app.train()
 @_named_failures
 def train(msg: Message, context: Context) -> Message:
@@ -134,7 +130,7 @@ def train(msg: Message, context: Context) -> Message:
     site.loader("train")
     timeline.mark("data-ready")
     model = site.assemble(arrays.to_torch_state_dict(), personalized,
-                          _local_state(site, context), server_round)
+                          site.load_local_state(), server_round)
     # Exactly the tensors the server kept back (with a layer's or tensor's buffers, as its
     # grouping has them): the personalized model is these local values over the global.
     site.save_personalized_list(sorted(set(model.state_dict()) - set(arrays)))
@@ -145,7 +141,6 @@ def train(msg: Message, context: Context) -> Message:
     timeline.marks["train-end"] = stats.started + stats.seconds
 
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    context.state[STATE_KEY] = ArrayRecord(state)
     site.save_local_state(state, server_round)
     timeline.mark("state-saved")
     update_dtype = str(config.get(UPDATE_DTYPE_KEY, "float32"))
@@ -182,7 +177,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     timeline.mark("global-evaluated")
 
     personalized = set(site.load_personalized_list())  # tensor keys (older runs: layers)
-    local = _local_state(site, context) if personalized else None
+    local = site.load_local_state() if personalized else None
     if local is not None:
         own = {k: v for k, v in local.items() if is_personalized(k, personalized)}
         model.load_state_dict(own, strict=False)
