@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+
 # ------------------------------------------------------------------ reading results
 @dataclass
 class RoundCost:
@@ -241,10 +242,10 @@ def run_deployment(work: Path, cfg: dict[str, Any], sites: int) -> Path:
 
 
 def run_simulation(work: Path, cfg: dict[str, Any], sites: int) -> Path:
+    import subprocess
+
     from fedlsc_common.settings import project_root, run_config_toml, to_run_config
     from fedlsc_tools.cli import flower_env
-
-    import subprocess
 
     home = work / "flwr-home"
     home.mkdir(parents=True, exist_ok=True)
@@ -286,7 +287,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true",
                         help="only print the report of the runs already in --work")
     parser.add_argument("overrides", nargs="*",
-                        help="Hydra overrides for both runs, e.g. training.max_batches_per_epoch=30")
+                        help="Hydra overrides for both runs, e.g. "
+                        "training.max_batches_per_epoch=30")
     args = parser.parse_args(argv)
     # SIGTERM unwinds like an error, so the deployment's processes are stopped
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

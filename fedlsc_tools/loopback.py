@@ -86,14 +86,14 @@ class LoopbackFederation:
     def _start(self, name: str, command: list[str], log_name: str | None = None,
                group: int | None = None) -> subprocess.Popen:
         """Start ``command`` in a new process group (or in ``group``), its output appended
-        to ``logs/<log_name or name>.log``."""
+        to ``logs/<log_name or name>.log``. Groups stay in this session: a process may
+        only join a group of its own session."""
         path = self.work / "logs" / f"{log_name or name}.log"
         if group is None:
             path.write_bytes(b"")
         log = open(path, "ab")  # noqa: SIM115 - O_APPEND: two processes may share a log
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                cwd=self.work, start_new_session=group is None,
-                                process_group=group)
+                                cwd=self.work, process_group=0 if group is None else group)
         log.close()
         self.processes[name if group is None else f"{name}/superexec"] = proc
         return proc

@@ -23,6 +23,7 @@ task, in seconds (default 0.25 here; Flower's own SuperExec waits 1 s).
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import os
 import signal
@@ -134,13 +135,19 @@ def _run_clientapp_child(spec: ExecutionSpec) -> None:
 
 
 def preload(modules: Sequence[str]) -> float:
-    """Import ``modules``; returns the seconds it took. Nothing here starts a thread."""
+    """Import ``modules``; returns the seconds it took. Nothing here starts a thread.
+
+    The imported objects are then frozen out of the garbage collector's reach: a child's
+    first full collection would otherwise walk (and so copy, page by page) the whole
+    inherited heap, 1.7 s measured here."""
     start = time.perf_counter()
     for name in modules:
         importlib.import_module(name)
     if threading.active_count() > 1:
         raise RuntimeError("a preloaded module started a thread: forking would copy a "
                            "process whose other threads are gone")
+    gc.collect()
+    gc.freeze()
     return time.perf_counter() - start
 
 
