@@ -45,6 +45,7 @@ class TrainStats:
     examples: int
     seconds: float
     proximal: float  # (μ/2)·||w − w_g||² at the end of training
+    started: float = 0.0  # wall clock (time.time()) when the first batch was asked for
 
     @property
     def images_per_second(self) -> float:
@@ -104,6 +105,7 @@ def train_local(
     prox_anchors = [anchor[n].to(device) for n in prox_names] if anchor else []
 
     total_loss, correct, seen, batches = 0.0, 0, 0, 0
+    started = time.time()
     start = last_log = time.perf_counter()
     for epoch in range(1, epochs + 1):
         if lr_step_epochs:
@@ -138,7 +140,8 @@ def train_local(
     seconds = time.perf_counter() - start
     stats = TrainStats(
         loss=total_loss / max(seen, 1), accuracy=correct / max(seen, 1), examples=seen,
-        seconds=seconds, proximal=proximal_value(prox_params, prox_anchors, proximal_mu))
+        seconds=seconds, proximal=proximal_value(prox_params, prox_anchors, proximal_mu),
+        started=started)
     logger.info("%s: trained %d epoch(s), %d images in %.1f s (%.1f images/s), loss %.4f, "
                 "accuracy %.3f", label, epochs, seen, seconds, stats.images_per_second,
                 stats.loss, stats.accuracy)

@@ -149,6 +149,7 @@ class Settings:
     min_train_replies: int
     round_timeout: int
     wait_for_sites_seconds: int
+    evaluate_every: int
     device: str
     tensorboard: bool
 
@@ -165,6 +166,11 @@ class Settings:
 
     def to_run_config(self) -> dict[str, Scalar]:
         return to_run_config(dataclasses.asdict(self))
+
+    def evaluates(self, true_round: int) -> bool:
+        """Do the sites evaluate after this round? Every ``evaluate-every``-th round and
+        the last one."""
+        return true_round % self.evaluate_every == 0 or true_round >= self.num_server_rounds
 
     @property
     def targets(self) -> list[float]:
@@ -218,6 +224,7 @@ class Settings:
             (1 <= self.min_train_replies <= self.min_train_nodes, "min-train-replies",
              f"between 1 and min-train-nodes ({self.min_train_nodes})"),
             (self.round_timeout >= 1, "round-timeout", "at least 1 (seconds)"),
+            (self.evaluate_every >= 1, "evaluate-every", "at least 1 (rounds)"),
             (self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"), "device",
              "'auto', 'cpu', 'cuda' or 'cuda:N'"),
         ]

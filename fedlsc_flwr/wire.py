@@ -5,7 +5,8 @@ What travels in a round, besides Flower's own ``arrays``/``metrics``/``config`` 
 - ConfigRecord keys the server sets: :data:`PERSONALIZED_LAYERS_KEY` (layers that stay on
   the sites), :data:`PROXIMAL_MU_KEY` (μ of Eq. 7, Flower's FedProx name) and
   :data:`UPDATE_DTYPE_KEY` ("float16" asks for w_i − w_g in float16: half the bytes).
-- A ConfigRecord :data:`SITE_RECORD_KEY` in every reply, naming the site.
+- A ConfigRecord :data:`SITE_RECORD_KEY` in every reply, naming the site, and optionally
+  :data:`TIMING_RECORD_KEY`, when the site did what (for round-cost reports).
 - Arrays in ``.npy`` bytes, read without a copy (:func:`array_view`) and written with one
   (:func:`array_from_numpy`).
 
@@ -36,6 +37,9 @@ UPDATE_SCALE_KEY = "update-scale"
 #: A float16 delta is scaled so that its largest |value| lies in (2^13, 2^14]: far from
 #: float16's overflow (65504) and from its subnormals (< 6.1e-5), whatever the delta's size.
 _FLOAT16_TOP_EXPONENT = 14
+#: ConfigRecord a ClientApp may add to its replies: wall-clock marks (seconds since the
+#: epoch) of how it handled the message, e.g. "train-start" and "train-end".
+TIMING_RECORD_KEY = "timing"
 
 
 def is_personalized(key: str, layers: Collection[str]) -> bool:

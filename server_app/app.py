@@ -101,7 +101,8 @@ def main(grid: Grid, context: Context) -> None:
         raise
     wait_for_sites(grid, settings.min_available_nodes, settings.wait_for_sites_seconds)
     metered = MeteredGrid(grid)
-    recorded = RecordedStrategy(strategy)
+    recorded = RecordedStrategy(strategy, lambda server_round: settings.evaluates(
+        server_round + done))
     recorder = RunRecorder(
         results_dir, strategy=recorded, grid=metered, run_config=dict(context.run_config),
         strategy_name=settings.strategy.name, round_offset=done,

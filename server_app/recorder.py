@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from logging import INFO
 from pathlib import Path
 from typing import Any
@@ -28,16 +28,25 @@ from fedlsc_common.settings import ConfigError
 from fedlsc_common.storage import atomic_write_json, atomic_write_text, save_checkpoint, save_model
 from fedlsc_flwr.metrics import MODEL_GROUPS
 from fedlsc_flwr.strategy import SiteTracking
-from fedlsc_flwr.wire import message_bytes, site_name_in
+from fedlsc_flwr.wire import TIMING_RECORD_KEY, message_bytes, site_name_in
 from server_app.plots import plot_accuracy, plot_confusion, plot_similarity_heatmap
 
 
 class MeteredGrid:
-    """A Grid that counts the array bytes it sends and receives; delegates the rest."""
+    """A Grid that counts the array bytes it sends and receives, and notes when each
+    phase's messages went out and its last reply came back; delegates the rest.
 
-    def __init__(self, grid: Any) -> None:
+    ``send_and_receive`` pushes the messages and pulls replies every ``poll_interval``
+    seconds through the Grid's own ``push_messages``/``pull_messages``: Flower 1.42's
+    deployment Grid waits a fixed 3 s between pulls, so a round's last reply waited
+    1.5 s on average, twice a round (the simulation's Grid polls every 0.1 s).
+    """
+
+    def __init__(self, grid: Any, poll_interval: float = 0.2) -> None:
         self._grid = grid
+        self.poll_interval = poll_interval
         self.traffic: dict[str, int] = {}
+        self.marks: dict[str, float] = {}  # "<phase>-sent" / "<phase>-replied": wall clock
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
@@ -47,16 +56,38 @@ class MeteredGrid:
         messages = list(messages)
         kind = "train" if messages and messages[0].metadata.message_type == MessageType.TRAIN \
             else "evaluate"
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        self.marks[f"{kind}-sent"] = time.time()
+        replies = self._send_and_receive(messages, timeout)
+        self.marks[f"{kind}-replied"] = time.time()
         self.traffic[f"{kind}-sent"] = self.traffic.get(f"{kind}-sent", 0) + sum(
             message_bytes(m) for m in messages)
         self.traffic[f"{kind}-received"] = self.traffic.get(f"{kind}-received", 0) + sum(
             message_bytes(m) for m in replies)
         return replies
 
+    def _send_and_receive(self, messages: list[Message], timeout: float | None
+                          ) -> list[Message]:
+        """Flower's ``Grid.send_and_receive`` (push, then pull until every message is
+        answered or ``timeout`` passes), pulling every ``poll_interval`` seconds."""
+        waiting = set(self._grid.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while waiting:
+            pulled = list(self._grid.pull_messages(waiting))
+            replies += pulled
+            waiting -= {m.metadata.reply_to_message_id for m in pulled}
+            if not waiting or (deadline is not None and time.monotonic() >= deadline):
+                break
+            time.sleep(self.poll_interval)
+        return replies
+
     def take_traffic(self) -> dict[str, int]:
         traffic, self.traffic = self.traffic, {}
         return traffic
+
+    def take_marks(self) -> dict[str, float]:
+        marks, self.marks = self.marks, {}
+        return marks
 
 
 class RecordedStrategy(Strategy):
@@ -66,16 +97,20 @@ class RecordedStrategy(Strategy):
     Flower's ``start()`` (inherited, not copied) drives the rounds through these hooks.
     """
 
-    def __init__(self, inner: SiteTracking) -> None:
+    def __init__(self, inner: SiteTracking,
+                 evaluates: Callable[[int], bool] = lambda server_round: True) -> None:
         if not isinstance(inner, SiteTracking):
             raise TypeError(f"RecordedStrategy needs a fedlsc_flwr strategy (a SiteTracking), "
                             f"got {type(inner).__name__}")
         self.inner = inner
+        self.evaluates = evaluates  # by Flower's round number: ask the sites to evaluate?
         self.train_metrics: dict[str, Any] = {}
         self.evaluate_metrics: dict[str, Any] = {}
         #: each site's flat confusion matrices of the round: {site: {"global-confusion": [...]}}
         self.site_confusion: dict[str, dict[str, list[int]]] = {}
         self.aggregated = False  # False: too few usable replies, the model was kept
+        self.costs: dict[str, Any] = {}  # what the round's replies say about its time
+        self.marks: dict[str, float] = {}  # when aggregation ran: wall clock
 
     def take_round(self) -> tuple[dict[str, Any], dict[str, Any], bool]:
         """The round's train metrics, evaluate metrics and aggregated flag; then reset."""
@@ -88,19 +123,36 @@ class RecordedStrategy(Strategy):
         taken, self.site_confusion = self.site_confusion, {}
         return taken
 
+    def take_costs(self) -> tuple[dict[str, Any], dict[str, float]]:
+        """What the round's replies said about its time, and the aggregation marks."""
+        taken = self.costs, self.marks
+        self.costs, self.marks = {}, {}
+        return taken
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         return self.inner.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        self.costs.update(train_costs(replies))
+        self.costs.setdefault("sites", {})
+        for name, marks in site_timings(replies).items():
+            self.costs["sites"].setdefault(name, {})["train"] = marks
+        self.marks["aggregate-start"] = time.time()
         arrays, metrics = self.inner.aggregate_train(server_round, replies)
+        self.marks["aggregate-end"] = time.time()
         self.train_metrics = dict(metrics) if metrics is not None else {}
         self.aggregated = arrays is not None
         return arrays, metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
+        if not self.evaluates(server_round):
+            log(INFO, "configure_evaluate: no evaluation after round %s (evaluate-every)",
+                server_round)
+            return []
         return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
@@ -116,6 +168,9 @@ class RecordedStrategy(Strategy):
             self.site_confusion[name] = {key: [int(v) for v in value]
                                          for key, value in matrices.items()
                                          if isinstance(value, list)}
+        self.costs.setdefault("sites", {})
+        for name, marks in site_timings(replies).items():
+            self.costs["sites"].setdefault(name, {})["evaluate"] = marks
         metrics = self.inner.aggregate_evaluate(server_round, replies)
         self.evaluate_metrics = dict(metrics) if metrics is not None else {}
         return metrics
@@ -153,6 +208,45 @@ class TensorBoardLog:
         self.writer.close()
 
 
+def _train_seconds(msg: Message) -> float | None:
+    metrics = next(iter(msg.content.metric_records.values()), None)
+    value = metrics.get("train-seconds") if metrics is not None else None
+    return float(value) if isinstance(value, int | float) else None
+
+
+def train_costs(replies: list[Message]) -> dict[str, float]:
+    """From a round's training replies: the slowest site's own training time
+    (``train-seconds-max``), all sites' training images, and the span from the first
+    site's start of training to the last site's end (``train-span-seconds``; the sites'
+    clocks, so meaningful where they agree, e.g. NTP or one machine)."""
+    usable = [m for m in replies if not m.has_error()]
+    seconds = [s for m in usable if (s := _train_seconds(m)) is not None]
+    costs: dict[str, float] = {}
+    if seconds:
+        costs["train-seconds-max"] = round(max(seconds), 3)
+    images = [next(iter(m.content.metric_records.values())).get("num-examples", 0)
+              for m in usable if m.content.metric_records]
+    costs["train-images"] = int(sum(v for v in images if isinstance(v, int | float)))
+    spans = [(float(t["train-start"]), float(t["train-end"])) for m in usable
+             if (t := m.content.config_records.get(TIMING_RECORD_KEY)) is not None
+             and "train-start" in t and "train-end" in t]
+    if spans and len(spans) == len(usable):
+        costs["train-span-seconds"] = round(max(e for _, e in spans) -
+                                            min(s for s, _ in spans), 3)
+    return costs
+
+
+def site_timings(replies: list[Message]) -> dict[str, dict[str, float]]:
+    """Each replying site's timing marks (see the ClientApp's ``Timeline``), by site name."""
+    found: dict[str, dict[str, float]] = {}
+    for msg in replies:
+        name = site_name_in(msg)
+        if name is not None and TIMING_RECORD_KEY in msg.content.config_records:
+            found[name] = {k: float(v) for k, v in
+                           msg.content.config_records[TIMING_RECORD_KEY].items()}
+    return found
+
+
 class RunRecorder:
     """Writes a row per round and a checkpoint, as Flower's ``evaluate_fn`` (called last
     in every round), from what :class:`RecordedStrategy` kept of the round."""
@@ -178,6 +272,7 @@ class RunRecorder:
             for row in self.rows:  # a resumed run's log holds its earlier rounds too
                 tensorboard.write(row)
         self._round_start = time.perf_counter()
+        self._round_started_at = time.time()
         self.last_arrays: ArrayRecord | None = None
         # A run resumed after stage 1 must not redraw the stage-1 heatmap with a later round.
         self._stage1_done_before = self.strategy.stage1_round is not None
@@ -192,7 +287,9 @@ class RunRecorder:
         """Flower's evaluate_fn: record the round that just ended."""
         if server_round == 0:
             self._round_start = time.perf_counter()
+            self._round_started_at = time.time()
             return None
+        record_start = time.time()
         true_round = server_round + self.offset
         row = self._row(true_round)
         self.rows.append(row)
@@ -219,7 +316,16 @@ class RunRecorder:
             plot_confusion(row["confusion"], self.dir / "confusion_matrix.png",
                            title=f"{self.strategy_name}, round {true_round}: held-out "
                                  "confusion matrices (colour: share of the true class)")
+        # The round ends here: writing its results is part of it. The row was written
+        # before the checkpoint (a resumed run finds a row for every checkpointed round);
+        # now again with the round's wall time.
+        row["round-seconds"] = round(time.perf_counter() - self._round_start, 2)
+        row["timing"]["server"].update({"record-start": record_start, "recorded": time.time()})
+        log(INFO, "Round %s server timing %s", true_round, json.dumps(row["timing"]))
+        atomic_write_text(self.dir / "metrics.jsonl",
+                          "".join(json.dumps(r) + "\n" for r in self.rows))
         self._round_start = time.perf_counter()
+        self._round_started_at = time.time()
         glob, own = row["global"], row["personalized"]
         if self.global_model_scored:
             log(INFO, "Round %s: global accuracy %.4f, balanced accuracy %.4f (pooled held-out "
@@ -243,6 +349,10 @@ class RunRecorder:
         similarity = {k: v for k, v in train.items() if k.startswith("lsc-")}
         confusion = self._confusion(evaluate, self.recorded.take_site_confusion())
         similarity["num-personalized-layers"] = len(self.strategy.personalized_layers)
+        costs, aggregate_marks = self.recorded.take_costs()
+        sites = costs.pop("sites", {})
+        server = {"round-start": self._round_started_at, **self.grid.take_marks(),
+                  **aggregate_marks}
         return {
             "round": true_round,
             "strategy": self.strategy_name,
@@ -260,6 +370,12 @@ class RunRecorder:
             "seconds": round(time.perf_counter() - self._round_start, 2),
             # K×K counts (rows: true class): pooled over the sites, and each site's
             "confusion": confusion,
+            # wall time of the round at the ServerApp, from the end of the previous
+            # round's recording to the end of this one's (checkpoint and plots included);
+            # filled in once they are written
+            "round-seconds": None,
+            **costs,  # train-seconds-max, train-images, train-span-seconds
+            "timing": {"server": server, "sites": sites},
         }
 
     def _confusion(self, evaluate: Mapping[str, Any],

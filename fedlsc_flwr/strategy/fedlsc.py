@@ -65,6 +65,8 @@ class FedLSC(PersonalizedFedAvg):
     round; ``stage1_round`` the round that fixed the personalized layers.
     """
 
+    measures_updates = True  # the reply check's ||Δw||² are the similarities' norms
+
     def __init__(
         self,
         temperature: float = 0.2,
@@ -87,9 +89,11 @@ class FedLSC(PersonalizedFedAvg):
         node_ids: list[int],
         shared: list[Layer],
         example_weights: np.ndarray,
+        squared_distances: list[dict[str, float]] | None = None,
     ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         new_state, reports = aggregate_layers(
-            global_state, states, shared, self.temperature, self.similarity_matrix
+            global_state, states, shared, self.temperature, self.similarity_matrix,
+            squared_distances=squared_distances,
         )
         if self.stage1_round is None:
             layer_means = {name: float(r.mean_similarity.mean()) for name, r in reports.items()}

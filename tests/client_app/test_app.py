@@ -201,3 +201,65 @@ def test_paper_schedule_does_not_freeze_the_last_rounds(site, unit, expected):
                                   f"training.lr_step_unit={unit}"]))
     reply, _ = _train(flat, node, _global_arrays(), 41)
     assert reply.content["metrics"]["lr"] == pytest.approx(expected)
+def test_reply_carries_the_site_s_timing_and_the_log_says_where_time_went(site, flwr_logs):
+    flat, node, _ = site
+    reply, _ = _train(flat, node, _global_arrays(), 1)
+    marks = reply.content.config_records["timing"]
+    order = ["handler-start", "data-ready", "model-ready", "train-start", "train-end",
+             "state-saved", "reply-ready"]
+    assert all(marks[a] <= marks[b] for a, b in zip(order, order[1:])), dict(marks)
+    seconds = reply.content["metrics"]["train-seconds"]
+    assert marks["train-end"] - marks["train-start"] == pytest.approx(seconds, abs=1e-3)
+    assert "site-a round 1 train timing {" in flwr_logs.text
+
+
+def test_assembled_model_holds_exactly_what_was_sent_and_what_the_site_kept(site):
+    """The model is assembled without initialising weights it overwrites; it must hold
+    the server's values for shared layers and the site's own for personalized ones, and
+    train like a normally built model."""
+    from client_app.site import Site
+
+    flat, node, _ = site
+    s = Site.for_run(flat, node, run_id=1)
+    torch.manual_seed(1)
+    received = {k: v.clone() for k, v in build_model("resnet10t_sa", num_classes=7)
+                .state_dict().items() if layer_of(k) != "classifier"}
+    local = {k: torch.full_like(v, 0.5) for k, v in build_model("resnet10t_sa", num_classes=7)
+             .state_dict().items()}
+    model = s.assemble(received, {"classifier"}, local, server_round=2)
+    state = model.state_dict()
+    assert set(state) == set(received) | {"classifier.weight", "classifier.bias"}
+    for key, value in received.items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=0)
+    assert (state["classifier.weight"] == 0.5).all()
+    assert all(p.requires_grad for p in model.parameters())
+    assert not any(t.is_meta for t in model.state_dict().values())
+    loss = model(torch.randn(2, 3, 32, 32)).sum()
+    loss.backward()
+    assert model.classifier.weight.grad is not None
+
+
+@pytest.mark.parametrize("node_value, env, expected", [
+    (None, None, None), (1, None, 1), (None, "2", 2), (3, "1", 3)])
+def test_thread_setting_from_node_config_else_environment(node_value, env, expected,
+                                                          monkeypatch):
+    from client_app.site import NUM_THREADS_ENV, apply_thread_setting, thread_setting
+
+    monkeypatch.delenv(NUM_THREADS_ENV, raising=False)
+    if env is not None:
+        monkeypatch.setenv(NUM_THREADS_ENV, env)
+    node = {} if node_value is None else {"num-threads": node_value}
+    before = torch.get_num_threads()
+    try:
+        assert thread_setting(node) == (expected or 0)
+        assert apply_thread_setting(node) == (expected or before)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("value", [-1, "many", 1.5])
+def test_bad_thread_setting_names_the_key_and_value(value):
+    from client_app.site import thread_setting
+
+    with pytest.raises(ValueError, match=r"node config 'num-threads' = .*: must be a whole"):
+        thread_setting({"num-threads": value})

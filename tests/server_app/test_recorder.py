@@ -49,15 +49,22 @@ class _Grid:
         self.asked += 1
         return [1, 2]
 
-    def send_and_receive(self, messages, *, timeout=None):
+    def push_messages(self, messages):
+        self.pushed = list(messages)
+        for i, m in enumerate(self.pushed):
+            m.metadata.__dict__["_message_id"] = f"m{i}"
+        return [m.metadata.message_id for m in self.pushed]
+
+    def pull_messages(self, message_ids):
+        # one reply per pull, so the grid has to poll
+        m = next(m for m in self.pushed if m.metadata.message_id in set(message_ids))
         return [Message(RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros(10, np.float32))}),
-                                    "metrics": MetricRecord({"num-examples": 1})}), reply_to=m)
-                for m in messages]
+                                    "metrics": MetricRecord({"num-examples": 1})}), reply_to=m)]
 
 
 def test_metered_grid_counts_array_bytes_and_delegates():
     inner = _Grid()
-    grid = MeteredGrid(inner)
+    grid = MeteredGrid(inner, poll_interval=0.01)
     payload = RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros(100, np.float32))})})
     messages = [Message(payload, dst_node_id=n, message_type=MessageType.TRAIN) for n in (1, 2)]
     replies = grid.send_and_receive(messages)
@@ -66,6 +73,8 @@ def test_metered_grid_counts_array_bytes_and_delegates():
         Array(np.zeros(10, np.float32)).data)
     assert grid.take_traffic() == {"train-sent": 2 * sent, "train-received": 2 * received}
     assert grid.take_traffic() == {}
+    marks = grid.take_marks()
+    assert marks["train-sent"] <= marks["train-replied"]
 
 
 class _AlwaysFailing(SiteAwareFedAvg):
@@ -308,3 +317,71 @@ def test_tensorboard_without_the_package_names_the_extra(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"true needs .*fedlsc-flwr\[tensorboard\]"):
         TensorBoardLog(tmp_path / "tb")
     assert not (tmp_path / "tb").exists()
+
+
+def _train_reply(node, seconds, examples, start):
+    from flwr.app import ConfigRecord
+
+    instruction = Message(RecordDict({}), dst_node_id=node, message_type=MessageType.TRAIN)
+    return Message(RecordDict({
+        "arrays": ArrayRecord({"w": Array(np.zeros(3, np.float32))}),
+        "metrics": MetricRecord({"num-examples": examples, "train-seconds": seconds}),
+        "site": ConfigRecord({"name": f"site-{node}"}),
+        "timing": ConfigRecord({"train-start": start, "train-end": start + seconds,
+                                "reply-ready": start + seconds + 0.5})}),
+        reply_to=instruction)
+
+
+def test_round_costs_come_from_the_sites_own_training_times():
+    from server_app.recorder import site_timings, train_costs
+
+    replies = [_train_reply(1, 10.0, 320, 1000.0), _train_reply(2, 14.5, 300, 1002.0),
+               _train_reply(3, 3.0, 100, 1001.0)]
+    costs = train_costs(replies)
+    assert costs == {"train-seconds-max": 14.5, "train-images": 720,
+                     "train-span-seconds": pytest.approx(16.5)}  # 1000 -> 1016.5
+    assert site_timings(replies)["site-2"]["train-end"] == pytest.approx(1016.5)
+
+
+def test_recorded_rows_carry_round_and_slowest_training_seconds(tmp_path):
+    from server_app.recorder import RecordedStrategy, RunRecorder, read_rows
+
+    strategy = RecordedStrategy(SiteAwareFedAvg(min_available_nodes=3, min_train_nodes=3))
+    recorder = RunRecorder(tmp_path, strategy=strategy, grid=MeteredGrid(_Grid()),
+                           run_config={}, strategy_name="fedavg", round_offset=0,
+                           model_info={"backbone": "resnet10t_sa", "image_size": 32,
+                                       "mean": [0.5] * 3, "std": [0.5] * 3},
+                           class_names=["a", "b"], targets=[0.5])
+    arrays = ArrayRecord({"w": Array(np.zeros(3, np.float32))})
+    recorder(0, arrays)
+    strategy.aggregate_train(1, [_train_reply(n, 1.0 + n, 10, 0.0) for n in (1, 2, 3)])
+    recorder(1, arrays)
+    row = read_rows(tmp_path / "metrics.jsonl")[0]
+    assert row["train-seconds-max"] == 4.0 and row["train-images"] == 30
+    assert row["round-seconds"] >= 0
+    server = row["timing"]["server"]
+    assert server["round-start"] <= server["aggregate-start"] <= server["aggregate-end"] \
+        <= server["record-start"] <= server["recorded"]
+    assert row["timing"]["sites"]["site-3"]["train"]["train-end"] == 4.0
+
+
+@pytest.mark.parametrize("every, rounds, expected", [
+    (1, 5, [1, 2, 3, 4, 5]), (2, 5, [2, 4, 5]), (3, 6, [3, 6]), (10, 3, [3])])
+def test_sites_evaluate_every_kth_round_and_the_last(every, rounds, expected):
+    from fedlsc_common.settings import Settings
+    from server_app.recorder import RecordedStrategy
+
+    settings = Settings.from_hydra([f"evaluate_every={every}", f"num_server_rounds={rounds}"])
+    assert [r for r in range(1, rounds + 1) if settings.evaluates(r)] == expected
+    done = 1  # a run resumed after round 1: Flower numbers its rounds from 1 again
+    strategy = RecordedStrategy(SiteAwareFedAvg(min_available_nodes=2, min_train_nodes=2),
+                                lambda server_round: settings.evaluates(server_round + done))
+    asked = [r + done for r in range(1, rounds - done + 1)
+             if list(strategy.configure_evaluate(r, ArrayRecord(), _config(), _Grid()))]
+    assert asked == [r for r in expected if r > done]
+
+
+def _config():
+    from flwr.app import ConfigRecord
+
+    return ConfigRecord()
