@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from logging import INFO
+from logging import INFO, WARNING
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
+from client_app.attack import poison_update
 from client_app.site import Site, site_name
 from client_app.training import confusion_matrix
 from fedlsc_common.classes import CLASSES
@@ -81,8 +82,8 @@ def train(msg: Message, context: Context) -> Message:
     personalized = set(config.get(PERSONALIZED_LAYERS_KEY, []))
     log(INFO, "%s round %s: %d personalized layer(s) kept on this site",
         site.identity.name, server_round, len(personalized))
-    model = site.assemble(arrays.to_torch_state_dict(), personalized,
-                          _local_state(site, context), server_round)
+    received = arrays.to_torch_state_dict()
+    model = site.assemble(received, personalized, _local_state(site, context), server_round)
     # Exactly the tensors the server kept back (with a layer's or tensor's buffers, as its
     # grouping has them): the personalized model is these local values over the global.
     site.save_personalized_list(sorted(set(model.state_dict()) - set(arrays)))
@@ -92,8 +93,9 @@ def train(msg: Message, context: Context) -> Message:
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     context.state[STATE_KEY] = ArrayRecord(state)
     site.save_local_state(state, server_round)
+    sent_back = _poisoned(site, state, received)
     update_dtype = str(config.get(UPDATE_DTYPE_KEY, "float32"))
-    encoded = {k: encode_update(state[k].numpy(), array_view(arrays[k]), update_dtype)
+    encoded = {k: encode_update(sent_back[k].numpy(), array_view(arrays[k]), update_dtype)
                for k in arrays}
     reply = ArrayRecord({k: array_from_numpy(value) for k, (value, _) in encoded.items()})
     metrics = MetricRecord({
@@ -107,6 +109,18 @@ def train(msg: Message, context: Context) -> Message:
     if update_dtype == "float16":
         content[UPDATE_SCALE_KEY] = ConfigRecord({k: e for k, (_, e) in encoded.items()})
     return Message(content, reply_to=msg)
+
+
+def _poisoned(site: Site, state: dict[str, torch.Tensor],
+              received: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the site sends back: its trained weights, or, as a simulated poisoning site
+    (``attack.kind = poison``), its update negated and scaled. Its own disk keeps the
+    weights it trained."""
+    if site.attack_kind() != "poison":
+        return state
+    log(WARNING, "%s: SIMULATED BAD SITE: %s", site.identity.name,
+        site.settings.attack.describe())
+    return {**state, **poison_update(state, received, site.settings.attack.scale)}
 
 
 @app.evaluate()
