@@ -3,7 +3,8 @@
 Files in the results folder (each written atomically):
 ``metrics.jsonl`` one JSON object per round; ``similarity.jsonl`` FedLSC's per-layer
 table per round; ``checkpoint.pt`` enough to resume; ``global_model.pt`` a self-describing
-model file; ``summary.json``; ``accuracy.png`` and ``similarity_heatmap.png``.
+model file; ``summary.json``; ``accuracy.png``, ``similarity_heatmap.png`` and
+``agreement.png`` (FedLSC's site agreement per round, one line per site).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from flwr.serverapp.strategy import Strategy
 from fedlsc_common.storage import atomic_write_json, atomic_write_text, save_checkpoint, save_model
 from fedlsc_flwr.strategy import SiteTracking
 from fedlsc_flwr.wire import message_bytes
-from server_app.plots import plot_accuracy, plot_similarity_heatmap
+from server_app.plots import plot_accuracy, plot_agreement, plot_similarity_heatmap
 
 
 class MeteredGrid:
@@ -108,7 +109,8 @@ class RunRecorder:
     def __init__(self, results_dir: Path, *, strategy: RecordedStrategy, grid: MeteredGrid,
                  run_config: Mapping[str, Any], strategy_name: str, round_offset: int,
                  model_info: Mapping[str, Any], class_names: list[str],
-                 targets: list[float], previous_rows: list[dict[str, Any]] | None = None) -> None:
+                 targets: list[float], previous_rows: list[dict[str, Any]] | None = None,
+                 simulated_attack: Mapping[str, Any] | None = None) -> None:
         self.dir = results_dir
         self.recorded = strategy
         self.strategy = strategy.inner
@@ -120,6 +122,7 @@ class RunRecorder:
         self.class_names = class_names
         self.targets = targets
         self.rows: list[dict[str, Any]] = list(previous_rows or [])
+        self.simulated_attack = dict(simulated_attack) if simulated_attack else None
         self._round_start = time.perf_counter()
         self.last_arrays: ArrayRecord | None = None
         # A run resumed after stage 1 must not redraw the stage-1 heatmap with a later round.
@@ -138,6 +141,7 @@ class RunRecorder:
             return None
         true_round = server_round + self.offset
         row = self._row(true_round)
+        row["agreement"] = self._agreement(server_round, true_round)
         self.rows.append(row)
         self.last_arrays = arrays
         atomic_write_text(self.dir / "metrics.jsonl",
@@ -156,6 +160,8 @@ class RunRecorder:
                         arrays={k: v.numpy() for k, v in arrays.items()},
                         strategy_state=state, run_config=self.run_config)
         plot_accuracy(self.rows, self.dir / "accuracy.png", title=self.strategy_name)
+        if any(r.get("agreement") for r in self.rows):
+            plot_agreement(self.rows, self.dir / "agreement.png", title=self.strategy_name)
         self._round_start = time.perf_counter()
         glob, own = row["global"], row["personalized"]
         if self.global_model_scored:
@@ -196,6 +202,15 @@ class RunRecorder:
             "seconds": round(time.perf_counter() - self._round_start, 2),
         }
 
+    def _agreement(self, server_round: int, true_round: int) -> dict[str, Any] | None:
+        """FedLSC's per-site agreement of this round (None for strategies that compute no
+        similarities, or a round that did not aggregate)."""
+        report = self.strategy.last_report
+        if report is None or report.server_round != server_round \
+                or getattr(report, "agreement", None) is None:
+            return None
+        return {**report.agreement, "round": true_round}
+
     def finish(self) -> dict[str, Any]:
         """Final model and summary.json; returns the summary."""
         if self.last_arrays is not None:
@@ -221,6 +236,10 @@ class RunRecorder:
             "rounds_to_reach_accuracy": reached if scored else {},
             "personalized_layers": sorted(self.strategy.personalized_layers),
             "bytes_per_round": _mean_traffic(self.rows),
+            # a simulated bad site of this run (attack.*), or None
+            "attack": self.simulated_attack,
+            # sites FedLSC's agreement report named, with the first round it did
+            "flagged_sites": _first_flagged(self.rows),
             "config": self.run_config,
         }
         atomic_write_json(self.dir / "summary.json", summary)
@@ -230,6 +249,14 @@ class RunRecorder:
 def _mean_traffic(rows: list[dict[str, Any]]) -> dict[str, float]:
     keys = sorted({k for r in rows for k in r.get("bytes", {})})
     return {k: float(np.mean([r["bytes"].get(k, 0) for r in rows])) for k in keys}
+
+
+def _first_flagged(rows: list[dict[str, Any]]) -> dict[str, int]:
+    first: dict[str, int] = {}
+    for row in rows:
+        for name in (row.get("agreement") or {}).get("flagged", []):
+            first.setdefault(name, row["round"])
+    return first
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
