@@ -45,9 +45,10 @@ def build_strategy(
     granularity: str = "layer",
     max_update_norm_ratio: float = 0.0,
     update_dtype: str = "float32",
-    agreement_k: float = 3.0,
+    agreement_k: float = 2.0,
     agreement_min_gap: float = 0.05,
     agreement_rounds: int = 2,
+    disagreeing_weight: float = 1.0,
     num_malicious_nodes: int = 1,
     num_nodes_to_select: int = 0,
     trim_beta: float = 0.2,
@@ -60,7 +61,9 @@ def build_strategy(
     after handing out the initial model. ``fedavg``/``fedprox`` aggregate exactly as
     Flower's own FedAvg/FedProx (subclassed only to name failed sites) and do not filter
     updates by norm (``max_update_norm_ratio`` applies to the other methods).
-    ``agreement_*`` set FedLSC's disagreeing-site warning (:mod:`fedlsc_flwr.agreement`).
+    ``agreement_*`` set FedLSC's disagreeing-site warning (:mod:`fedlsc_flwr.agreement`);
+    ``disagreeing_weight`` < 1 scales down, in FedLSC's aggregation, the sites that rule
+    puts below its threshold in a round (an option beyond the paper; 1 = the paper).
     The names in ``ROBUST_NAMES`` are Flower's robust strategies (:func:`_build_robust`).
     """
     if name in ("fedavg", "fedprox", *ROBUST_NAMES):
@@ -83,7 +86,8 @@ def build_strategy(
         ratio = personalized_ratio if name == "fedlsc" else 0.0
         return FedLSC(temperature, ratio, proximal_mu, granularity,
                       agreement_k=agreement_k, agreement_min_gap=agreement_min_gap,
-                      agreement_rounds=agreement_rounds, **fedavg_kwargs)
+                      agreement_rounds=agreement_rounds,
+                      disagreeing_weight=disagreeing_weight, **fedavg_kwargs)
     if name == "fedavg-fc":
         return PersonalizedFedAvg([head_layer], 0.0, granularity, **fedavg_kwargs)
     if name == "fedprox-fc":

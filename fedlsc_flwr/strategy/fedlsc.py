@@ -19,11 +19,14 @@ from flwr.common.logger import log
 
 from fedlsc_flwr.agreement import AgreementMonitor, site_agreement
 from fedlsc_flwr.similarity import (
+    HyperParameterError,
     Layer,
     LayerReport,
     aggregate_layers,
     check_personalized_ratio,
     check_temperature,
+    reweigh_layers,
+    rescaled_weights,
     select_personalized,
 )
 from fedlsc_flwr.strategy.personalized import PersonalizedFedAvg
@@ -71,6 +74,10 @@ class FedLSC(PersonalizedFedAvg):
     below the others' for ``agreement_rounds`` consecutive rounds is named in a WARNING
     (``agreement_rounds = 0``: no warning). ``stage1_round`` is the round that fixed the
     personalized layers.
+
+    Beyond the paper, ``disagreeing_weight`` < 1 multiplies the Eq. 4 weights of the sites
+    below the agreement threshold in a round by that factor (0: left out of that round's
+    average); 1, the default, aggregates exactly as the paper.
     """
 
     def __init__(
@@ -81,12 +88,17 @@ class FedLSC(PersonalizedFedAvg):
         granularity: str = "layer",
         similarity_matrix: bool = False,
         *,
-        agreement_k: float = 3.0,
+        agreement_k: float = 2.0,
         agreement_min_gap: float = 0.05,
         agreement_rounds: int = 2,
+        disagreeing_weight: float = 1.0,
         **fedavg_kwargs: Any,
     ) -> None:
         self.temperature = check_temperature(temperature)
+        if not 0.0 <= disagreeing_weight <= 1.0:
+            raise HyperParameterError("disagreeing_weight", disagreeing_weight,
+                                      "in [0, 1] (1 = the paper's aggregation)")
+        self.disagreeing_weight = float(disagreeing_weight)
         self.personalized_ratio = check_personalized_ratio(personalized_ratio)
         self.agreement_monitor = AgreementMonitor(agreement_k, agreement_min_gap,
                                                   agreement_rounds)
@@ -112,10 +124,12 @@ class FedLSC(PersonalizedFedAvg):
             log(INFO, "FedLSC stage 1 (round %s): %s of %s layers personalized: %s",
                 server_round, len(self.personalized_layers), len(reports),
                 sorted(self.personalized_layers))
+        agreement = self._site_agreement(server_round, node_ids, reports)
+        if self.disagreeing_weight < 1.0 and agreement["below"]:
+            new_state.update(self._reweigh(server_round, global_state, states, shared, reports,
+                                           agreement))
         self.last_report = RoundReport(
-            server_round, node_ids, reports, sorted(self.personalized_layers),
-            self._site_agreement(server_round, node_ids, reports),
-        )
+            server_round, node_ids, reports, sorted(self.personalized_layers), agreement)
         log(DEBUG, "FedLSC round %s similarity table: %s",
             server_round, json.dumps(self.last_report.to_json()["layers"]))
         return new_state, _weight_metrics(reports)
@@ -147,7 +161,26 @@ class FedLSC(PersonalizedFedAvg):
                 "updates.", server_round, name, site["node"], site["agreement"], median,
                 threshold, site["streak"], 100 * site["least-share"])
         return {"round": server_round, "threshold": threshold if np.isfinite(threshold)
-                else None, "sites": sites, "flagged": list(verdict["flagged"])}
+                else None, "sites": sites, "flagged": list(verdict["flagged"]),
+                "below": list(verdict["below"])}
+
+    def _reweigh(self, server_round: int, global_state: Mapping[str, np.ndarray],
+                 states: list[dict[str, np.ndarray]], shared: list[Layer],
+                 reports: dict[str, LayerReport], agreement: Mapping[str, Any]
+                 ) -> dict[str, np.ndarray]:
+        """The option beyond the paper (``disagreeing_weight`` < 1): this round's Eq. 4
+        weights of the sites below the agreement threshold times ``disagreeing_weight``,
+        renormalised, and Eq. 5 again (a second pass over the updates, only in such
+        rounds). The reports then hold the weights used."""
+        factors = np.array([self.disagreeing_weight if name in agreement["below"] else 1.0
+                            for name in agreement["sites"]])
+        for report in reports.values():
+            report.weights = rescaled_weights(report.weights, factors)
+        log(WARNING, "Round %s: weights of %s times %g in this round's aggregation "
+            "(disagreeing-weight)", server_round, ", ".join(agreement["below"]),
+            self.disagreeing_weight)
+        return reweigh_layers(global_state, states, shared,
+                              {name: r.weights for name, r in reports.items()})
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "stage1_round": self.stage1_round,
@@ -166,6 +199,9 @@ class FedLSC(PersonalizedFedAvg):
         log(INFO, "\t│\t├── Disagreeing-site warning: %s",
             f"agreement < median − max({rule.k:g}·1.4826·MAD, {rule.min_gap:g}) for "
             f"{rule.rounds} round(s)" if rule.enabled else "off")
+        log(INFO, "\t│\t├── Weight of a site below that threshold: %s",
+            "as the paper (Eq. 4)" if self.disagreeing_weight == 1.0
+            else f"Eq. 4 × {self.disagreeing_weight:g}")
         log(INFO, "\t│\t└── Stage 1 done: %s",
             "no" if self.stage1_round is None else f"round {self.stage1_round}")
         super().summary()

@@ -194,3 +194,51 @@ def test_warning_off_keeps_the_numbers_and_the_streaks_survive_a_checkpoint(flwr
     restored.load_state_dict(quiet.state_dict())
     assert restored.agreement_monitor.streaks == {"hospital-0": 0, "hospital-1": 0,
                                                   "hospital-2": 2}
+
+
+# ------------------------------------------------------- the option beyond the paper
+def _one_round(strategy, n=5, bad=None, seed=3):
+    rng = np.random.default_rng(seed)
+    g = _state(rng)
+    nodes = [100 + i for i in range(n)]
+    list(strategy.configure_train(1, ArrayRecord({k: Array(v) for k, v in g.items()}),
+                                  ConfigRecord(), _Grid(nodes)))
+    states = _honest_updates(g, n, rng)
+    if bad is not None:
+        states[bad] = _negate(g, states[bad], 3.0)
+    arrays, _ = strategy.aggregate_train(1, [_reply(node, s, f"hospital-{i}") for i, (node, s)
+                                             in enumerate(zip(nodes, states))])
+    return g, states, {k: arrays[k].numpy() for k in arrays}
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_disagreeing_weight_zero_leaves_the_site_below_out_of_the_average(flwr_logs):
+    strategy = FedLSC(personalized_ratio=0.0, disagreeing_weight=0.0)
+    g, states, new = _one_round(strategy, bad=2)
+    report = strategy.last_report
+    assert report.agreement["below"] == ["hospital-2"]
+    for layer in ("stem", "block.conv", "classifier"):
+        weights = report.layers[layer].weights
+        assert weights[2] == 0.0 and weights.sum() == pytest.approx(1.0)
+        key = f"{layer}.weight"
+        expected = sum(w * s[key].astype(np.float64) for w, s in zip(weights, states))
+        np.testing.assert_allclose(new[key], expected, rtol=1e-5, atol=1e-6)
+    assert "weights of hospital-2 times 0 in this round's aggregation" in flwr_logs.text
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("bad", [None, 2])
+def test_disagreeing_weight_one_or_no_site_below_is_the_papers_aggregation(bad):
+    paper = _one_round(FedLSC(personalized_ratio=0.0), bad=bad)[2]
+    if bad is None:
+        option = _one_round(FedLSC(personalized_ratio=0.0, disagreeing_weight=0.0))[2]
+    else:
+        option = _one_round(FedLSC(personalized_ratio=0.0, disagreeing_weight=1.0), bad=bad)[2]
+    for key in paper:
+        np.testing.assert_array_equal(paper[key], option[key], err_msg=key)
+
+
+def test_disagreeing_weight_must_be_a_share():
+    with pytest.raises(HyperParameterError) as err:
+        FedLSC(disagreeing_weight=1.5)
+    assert err.value.name == "disagreeing_weight"
