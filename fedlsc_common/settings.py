@@ -85,6 +85,7 @@ class StrategySettings:
     agreement_k: float
     agreement_min_gap: float
     agreement_rounds: int
+    disagreeing_weight: float
     num_malicious_nodes: int
     num_nodes_to_select: int
     trim_beta: float
@@ -218,7 +219,8 @@ class Settings:
                 min_available_nodes=self.min_available_nodes,
                 min_train_replies=self.min_train_replies,
                 agreement_k=s.agreement_k, agreement_min_gap=s.agreement_min_gap,
-                agreement_rounds=s.agreement_rounds, num_malicious_nodes=s.num_malicious_nodes,
+                agreement_rounds=s.agreement_rounds, disagreeing_weight=s.disagreeing_weight,
+                num_malicious_nodes=s.num_malicious_nodes,
                 num_nodes_to_select=s.num_nodes_to_select, trim_beta=s.trim_beta,
                 **flower_kwargs)
         except HyperParameterError as err:

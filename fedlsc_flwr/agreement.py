@@ -89,7 +89,7 @@ class AgreementMonitor:
     """The rule over rounds: which sites are below this round, and which have been below
     for ``rounds`` consecutive rounds in which they took part (``flagged``)."""
 
-    k: float = 3.0
+    k: float = 2.0
     min_gap: float = 0.05
     rounds: int = 2
     streaks: dict[str, int] = field(default_factory=dict)
