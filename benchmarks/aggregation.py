@@ -1,5 +1,9 @@
 """Time FedLSC.aggregate_train against Flower's FedAvg.aggregate_train on the same replies.
 
+FedLSC's site-agreement report is part of its ``aggregate_train``; the last column times
+the report alone (``FedLSC._site_agreement`` on the round's per-layer similarities), so
+its share of the aggregation is measured in the same process.
+
 Both strategies receive identical mocked replies (Flower ``Message`` objects holding
 ``ArrayRecord`` s) for a model's state_dict shapes; each (strategy, N) is timed
 ``--repeats`` times, interleaved, and the median is kept. The ratio column is
@@ -107,7 +111,7 @@ def main() -> None:
     print(f"model={args.model} tensors={len(global_state)} elements={params:,} "
           f"({params * 4 / 2**20:.1f} MiB float32)")
     print(f"{'N':>4} {'FedAvg s':>10} {'FedLSC s':>10} {'ratio':>7} {'FedLSC s/client':>16} "
-          f"{'+norm filter s':>15} {'ratio':>7}")
+          f"{'+norm filter s':>15} {'ratio':>7} {'report ms':>10} {'share':>7}")
     global_record = ArrayRecord({k: Array(v) for k, v in global_state.items()})
     rows = []
     for n in args.clients:
@@ -122,9 +126,12 @@ def main() -> None:
             lsc_t.append(time_call(partial(fedlsc.aggregate_train, 1, replies)))
             filt_t.append(time_call(partial(filtered.aggregate_train, 1, replies)))
         a, b, c = (statistics.median(t) for t in (avg_t, lsc_t, filt_t))
+        report = fedlsc.last_report
+        r = statistics.median(time_call(partial(
+            fedlsc._site_agreement, 1, report.node_ids, report.layers)) for _ in range(20))
         rows.append((n, a, b))
         print(f"{n:>4} {a:>10.3f} {b:>10.3f} {b / a:>7.2f} {b / n:>16.4f} {c:>15.3f} "
-              f"{c / a:>7.2f}", flush=True)
+              f"{c / a:>7.2f} {1000 * r:>10.3f} {r / b:>7.2%}", flush=True)
         del replies
     if len(rows) > 1:
         (n0, _, t0), (n1, _, t1) = rows[0], rows[-1]
