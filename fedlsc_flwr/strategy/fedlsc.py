@@ -25,8 +25,8 @@ from fedlsc_flwr.similarity import (
     aggregate_layers,
     check_personalized_ratio,
     check_temperature,
-    reweigh_layers,
     rescaled_weights,
+    reweigh_layers,
     select_personalized,
 )
 from fedlsc_flwr.strategy.personalized import PersonalizedFedAvg
