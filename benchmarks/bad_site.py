@@ -12,10 +12,12 @@ own pooled score). Whether FedLSC's report named the bad site, and from which ro
 read from the run's ``summary.json``; norm-filter drops from ``metrics.jsonl``.
 
 A finished run is skipped (the sweep resumes where it stopped); one that crashed is moved
-aside and redone, at most ``--attempts`` times. Only one ``flwr run`` may use the local
-SuperLink port (127.0.0.1:39091) on a machine: before each run the driver waits, polling
-every 30 s, while another FLWR_HOME's SuperLink holds it, and it stops its own SuperLink
-after each run so that others get their turn.
+aside and redone, at most ``--attempts`` times. Runs use the in-process transport by
+default (``fedlsc_tools.inprocess``: the real ServerApp and ClientApp in one process, no
+Ray, no SuperLink, no port). With ``--transport flwr`` they are ``flwr run`` simulations,
+and only one of those may use the local SuperLink port (127.0.0.1:39091) on a machine:
+before each run the driver then waits, polling every 30 s, while another FLWR_HOME's
+SuperLink holds it, and stops its own SuperLink after each run so others get their turn.
 
     python benchmarks/bad_site.py --out /tmp/fedlsc-bad-site               # the sweep
     python benchmarks/bad_site.py --out /tmp/fedlsc-bad-site --table-only  # rebuild report
@@ -89,9 +91,11 @@ class Job:
 # int(β·3) sites: none for β < 1/3, else it is the median), label noise and label
 # permutation at 5 sites, FedLSC without the norm filter (with poison scale 10 the filter
 # never fires, so both are the same run: the report shows 0 drops). --extended adds them.
+# Blocks run in this order, each seed-major: a sweep stopped early holds whole blocks.
 SWEEP: list[tuple[int, tuple[str, ...], tuple[str, ...]]] = [
-    (3, ("none", "poison", "label-permutation"),
-     ("fedavg", "fedlsc", "fedlsc-exclude", "fedmedian", "multikrum")),
+    (3, ("none", "poison"), ("fedavg", "fedlsc", "fedlsc-exclude", "fedmedian", "multikrum")),
+    (3, ("label-permutation",), ("fedavg", "fedlsc", "fedlsc-exclude", "fedmedian",
+                                 "multikrum")),
     (5, ("none", "poison"), ("fedavg", "fedlsc", "fedlsc-exclude", "fedtrimmedavg")),
 ]
 EXTENDED: list[tuple[int, tuple[str, ...], tuple[str, ...]]] = [
@@ -202,7 +206,8 @@ def _score(job: Job, folder: Path, label: str) -> bool:
     return True
 
 
-def run_sweep(out: Path, jobs: Sequence[Job], extra: Sequence[str], attempts: int) -> None:
+def run_sweep(out: Path, jobs: Sequence[Job], extra: Sequence[str], attempts: int,
+              transport: str = "inprocess") -> None:
     from fedlsc_common.settings import compose
     from fedlsc_tools.experiment import run_job
 
@@ -223,10 +228,12 @@ def run_sweep(out: Path, jobs: Sequence[Job], extra: Sequence[str], attempts: in
         if results.exists():
             results.rename(folder / f"results.incomplete-{time.strftime('%Y%m%d-%H%M%S')}")
         folder.mkdir(parents=True, exist_ok=True)
-        wait_for_port(home)
+        if transport == "flwr":
+            wait_for_port(home)
         start = time.monotonic()
-        code = run_job(compose(job.overrides(extra)), folder)
-        pt.stop_local_superlink(home)  # free the port for the other engineers' runs
+        code = run_job(compose(job.overrides(extra)), folder, transport=transport)
+        if transport == "flwr":
+            pt.stop_local_superlink(home)  # free the port for the other engineers' runs
         seconds = time.monotonic() - start
         ok = code == 0 and _completed(results)
         if ok:
@@ -237,11 +244,12 @@ def run_sweep(out: Path, jobs: Sequence[Job], extra: Sequence[str], attempts: in
         with open(out / "runs.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps({"sites": job.sites, "kind": job.kind, "method": job.method,
                                 "seed": job.seed, "exit": code, "ok": ok,
+                                "transport": transport,
                                 "seconds": round(seconds, 1),
                                 "end": time.strftime("%FT%TZ", time.gmtime())}) + "\n")
         deadline = time.monotonic() + 30  # let our SuperLink go before the next run
-        while (owner := port_owner()) is not None and str(home) in owner \
-                and time.monotonic() < deadline:
+        while transport == "flwr" and (owner := port_owner()) is not None \
+                and str(home) in owner and time.monotonic() < deadline:
             time.sleep(1)
 
 
@@ -519,6 +527,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="after the planned sweep, the cells it leaves out (EXTENDED)")
     parser.add_argument("--attempts", type=int, default=2,
                         help="how many times a crashed run is tried")
+    parser.add_argument("--transport", choices=("inprocess", "flwr"), default="inprocess",
+                        help="inprocess: ServerApp and ClientApp in one process per run (no "
+                             "Ray, no SuperLink port); flwr: `flwr run` simulations")
     parser.add_argument("--table-only", action="store_true",
                         help="only rebuild report.md and the plots from the result files")
     args = parser.parse_args(argv)
@@ -534,7 +545,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         jobs = [j for j in plan(args.seeds, blocks) if _selected(j, args.only)]
         print(f"{len(jobs)} runs, out {out}, FLWR_HOME {home}", flush=True)
         try:
-            run_sweep(out, jobs, args.set, args.attempts)
+            run_sweep(out, jobs, args.set, args.attempts, args.transport)
         finally:
             pt.stop_local_superlink(home)
     from fedlsc_common.storage import atomic_write_text
