@@ -17,6 +17,11 @@ MAD is the distance between two of them and can be near 0). A site is *flagged* 
 has been below in ``rounds`` consecutive rounds in which it took part; ``rounds = 0``
 turns the rule off (the numbers are still reported).
 
+Strategies that compute no similarities (FedAvg, FedProx, Flower's robust strategies)
+report nothing: the report would need the pass over every update that is most of FedLSC's
+own aggregation (Eq. 1-3, about as long as FedAvg's whole ``aggregate_train``), so it is
+a by-product of FedLSC, not an extra cost put on the others.
+
 numpy only: no Flower, no torch.
 """
 
