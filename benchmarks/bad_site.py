@@ -541,6 +541,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         home = (out / "flwr-home").resolve()
         home.mkdir(parents=True, exist_ok=True)
         os.environ["FLWR_HOME"] = str(home)  # our own local SuperLink, not anyone else's
+        from fedlsc_common.settings import resolve_data_dir
+
+        # one data folder for every run, found (or refused) here rather than by each site
+        data = f"dataset.data_dir={resolve_data_dir('')}"
+        args.set = [data, *args.set] if not any("data_dir" in s for s in args.set) else args.set
         blocks = SWEEP + (EXTENDED if args.extended else [])
         jobs = [j for j in plan(args.seeds, blocks) if _selected(j, args.only)]
         print(f"{len(jobs)} runs, out {out}, FLWR_HOME {home}", flush=True)
