@@ -21,6 +21,8 @@ SuperLink holds it, and stops its own SuperLink after each run so others get the
 
     python benchmarks/bad_site.py --out /tmp/fedlsc-bad-site               # the sweep
     python benchmarks/bad_site.py --out /tmp/fedlsc-bad-site --table-only  # rebuild report
+    python benchmarks/bad_site.py --out /tmp/fedlsc-bad-site --table-only \
+        --publish benchmarks/reports/bad-site-2026-11-27   # report + plots into the repo
 """
 
 from __future__ import annotations
@@ -459,10 +461,14 @@ def plot_accuracy(found: Mapping, sites: int, path: Path) -> Path | None:
     ax.set_title(f"{sites} sites (Dirichlet β = 0.5), site {BAD_SITE} bad: mean ± std over seeds")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    import io
+
+    from fedlsc_common.storage import atomic_write
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    return path
+    return atomic_write(path, lambda f: f.write(buffer.getvalue()))
 
 
 def build_report(out: Path, command: str) -> str:
@@ -532,6 +538,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "Ray, no SuperLink port); flwr: `flwr run` simulations")
     parser.add_argument("--table-only", action="store_true",
                         help="only rebuild report.md and the plots from the result files")
+    parser.add_argument("--publish", type=Path, default=None, metavar="PREFIX",
+                        help="also write the report to PREFIX.md and its plots to "
+                             "PREFIX_<plot>.png (e.g. benchmarks/reports/bad-site-DATE)")
     args = parser.parse_args(argv)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -559,7 +568,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     atomic_write_text(out / "report.md", report)
     print(report)
     print(f"written to {out / 'report.md'}")
+    if args.publish:
+        publish(out, report, args.publish)
     return 0
+
+
+def publish(out: Path, report: str, prefix: Path) -> None:
+    """The report as PREFIX.md, its plots beside it as PREFIX_<name>.png (links rewritten)."""
+    from fedlsc_common.storage import atomic_write, atomic_write_text
+
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    for png in sorted(out.glob("bad_site_*.png")):
+        target = prefix.parent / f"{prefix.name}_{png.name}"
+        data = png.read_bytes()
+        atomic_write(target, lambda f, data=data: f.write(data))
+        report = report.replace(f"]({png.name})", f"]({target.name})")
+    atomic_write_text(prefix.with_suffix(".md"), report)
+    print(f"published to {prefix.with_suffix('.md')}")
 
 
 def _selected(job: Job, only: Sequence[str]) -> bool:

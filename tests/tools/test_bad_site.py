@@ -94,3 +94,7 @@ def test_report_reads_scores_detections_and_paired_differences(tmp_path):
     assert "| fedavg | poison | 3 | no report | – | – | 1 | 0 |" in report
     assert "- 3 sites, poison, multikrum, seed 0: 1 attempt(s)" in report
     assert (tmp_path / "bad_site_3sites.png").is_file()
+    bs.publish(tmp_path, report, tmp_path / "reports" / "bad-site-x")
+    published = (tmp_path / "reports" / "bad-site-x.md").read_text()
+    assert "](bad-site-x_bad_site_3sites.png)" in published
+    assert (tmp_path / "reports" / "bad-site-x_bad_site_3sites.png").stat().st_size > 1000
