@@ -1,5 +1,9 @@
 """Time FedLSC.aggregate_train against Flower's FedAvg.aggregate_train on the same replies.
 
+FedLSC's site-agreement report is part of its ``aggregate_train``; the last column times
+the report alone (``FedLSC._site_agreement`` on the round's per-layer similarities), so
+its share of the aggregation is measured in the same process.
+
 Both strategies receive identical mocked replies (Flower ``Message`` objects holding
 ``ArrayRecord`` s) for a model's state_dict shapes; each (strategy, N) is timed
 ``--repeats`` times, interleaved, and the spread is printed: min / median / max seconds
@@ -114,7 +118,8 @@ def main() -> None:
     print(f"model={args.model} tensors={len(global_state)} elements={params:,} "
           f"({params * 4 / 2**20:.1f} MiB float32)")
     print(f"{'N':>4} {'FedAvg s min/med/max':>22} {'FedLSC s min/med/max':>22} "
-          f"{'ratio min/med/max':>18} {'worst':>6} {'+norm filter s med':>19} {'ratio':>6}")
+          f"{'ratio min/med/max':>18} {'worst':>6} {'+norm filter s med':>19} {'ratio':>6} "
+          f"{'report ms':>10} {'share':>7}")
     global_record = ArrayRecord({k: Array(v) for k, v in global_state.items()})
     rows = []
     for n in args.clients:
@@ -129,11 +134,14 @@ def main() -> None:
             lsc_t.append(time_call(partial(fedlsc.aggregate_train, 1, replies)))
             filt_t.append(time_call(partial(filtered.aggregate_train, 1, replies)))
         a, b, c = (statistics.median(t) for t in (avg_t, lsc_t, filt_t))
+        report = fedlsc.last_report
+        r = statistics.median(time_call(partial(
+            fedlsc._site_agreement, 1, report.node_ids, report.layers)) for _ in range(20))
         rows.append((n, a, b))
         ratios = (min(lsc_t) / min(avg_t), b / a, max(lsc_t) / max(avg_t))
         print(f"{n:>4} {_spread(avg_t):>22} {_spread(lsc_t):>22} "
-              f"{'/'.join(f'{r:.2f}' for r in ratios):>18} {max(lsc_t) / min(avg_t):>6.2f} "
-              f"{c:>19.3f} {c / a:>6.2f}", flush=True)
+              f"{'/'.join(f'{x:.2f}' for x in ratios):>18} {max(lsc_t) / min(avg_t):>6.2f} "
+              f"{c:>19.3f} {c / a:>6.2f} {1000 * r:>10.3f} {r / b:>7.2%}", flush=True)
         del replies
     if len(rows) > 1:
         (n0, _, t0), (n1, _, t1) = rows[0], rows[-1]

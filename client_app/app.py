@@ -17,13 +17,15 @@ import json
 import os
 import time
 from collections.abc import Callable
-from logging import INFO
+from logging import INFO, WARNING
+from typing import TYPE_CHECKING
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
 from client_app import IMPORT_STARTED
+from client_app.attack import poison_update
 from client_app.site import Site, apply_thread_setting, site_name
 from client_app.training import confusion_matrix
 from fedlsc_common.classes import CLASSES
@@ -41,6 +43,9 @@ from fedlsc_flwr.wire import (
     is_personalized,
     site_record,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 app = ClientApp()
 IMPORTED = time.time()
@@ -143,8 +148,9 @@ def train(msg: Message, context: Context) -> Message:
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     site.save_local_state(state, server_round)
     timeline.mark("state-saved")
+    sent_back = _poisoned(site, state, arrays)
     update_dtype = str(config.get(UPDATE_DTYPE_KEY, "float32"))
-    encoded = {k: encode_update(state[k].numpy(), array_view(arrays[k]), update_dtype)
+    encoded = {k: encode_update(sent_back[k].numpy(), array_view(arrays[k]), update_dtype)
                for k in arrays}
     reply = ArrayRecord({k: array_from_numpy(value) for k, (value, _) in encoded.items()})
     metrics = MetricRecord({
@@ -159,6 +165,20 @@ def train(msg: Message, context: Context) -> Message:
         content[UPDATE_SCALE_KEY] = ConfigRecord({k: e for k, (_, e) in encoded.items()})
     content[TIMING_RECORD_KEY] = timeline.finish(site.identity.name, server_round, "train")
     return Message(content, reply_to=msg)
+
+
+def _poisoned(site: Site, state: dict[str, torch.Tensor],
+              arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+    """What the site sends back: its trained weights, or, as a simulated poisoning site
+    (``attack.kind = poison``), its update negated and scaled. Its own disk keeps the
+    weights it trained."""
+    if site.attack_kind() != "poison":
+        return state
+    log(WARNING, "%s: SIMULATED BAD SITE: %s", site.identity.name,
+        site.settings.attack.describe())
+    # the global values afresh from the message: the model may share the received tensors
+    received = arrays.to_torch_state_dict()
+    return {**state, **poison_update(state, received, site.settings.attack.scale)}
 
 
 @app.evaluate()

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from client_app.attack import attack_training_records
 from client_app.data import class_weights, make_loader
 from client_app.partition import load_site_split
 from client_app.training import TrainStats, lr_for_round, resolve_device, train_local
@@ -131,6 +132,26 @@ class Site:
         identity = SiteIdentity.from_node_config(dict(node_config), settings, run_id)
         return cls(settings, identity, resolve_device(settings.device))
 
+    # ------------------------------------------------------------------ simulated bad site
+    def attack_kind(self) -> str:
+        """What this site does wrong in this run ("none" for an honest site): the
+        ``attack.*`` settings name it by partition id, and only simulated partitions
+        apply them (a site reading its own data folder never does)."""
+        a, ident = self.settings.attack, self.identity
+        if a.active and ident.partition != "folder" and ident.partition_id == a.site:
+            return a.kind
+        return "none"
+
+    def _training_records(self, records: list) -> list:
+        kind = self.attack_kind()
+        if kind in ("label-noise", "label-permutation"):
+            logger.warning("%s: SIMULATED BAD SITE: %s", self.identity.name,
+                           self.settings.attack.describe())
+            return attack_training_records(
+                records, kind, fraction=self.settings.attack.fraction,
+                num_classes=self.settings.model.num_classes, seed=self.settings.seed)
+        return records
+
     # ------------------------------------------------------------------ data
     def loader(self, split: str) -> Any:
         """The "train" or "test" (held-out) loader of this site, built on first use and
@@ -139,7 +160,9 @@ class Site:
         key = (str(ident.data_dir), ident.partition, ident.partition_id, ident.num_partitions,
                s.partition.beta, s.seed, s.dataset.test_fraction, s.partition.min_partition_size,
                s.dataset.image_size, s.training.batch_size, s.dataset.on_error)
-        if (key, split) not in _LOADERS:
+        kind = self.attack_kind()  # a simulated bad site may train on wrong labels
+        wrong = (kind, s.attack.fraction) if kind.startswith("label-") else ("none", 0.0)
+        if (key, split, wrong) not in _LOADERS:
             if key not in _SPLITS:
                 _SPLITS[key] = load_site_split(
                     ident.data_dir, partition=ident.partition, partition_id=ident.partition_id,
@@ -148,13 +171,15 @@ class Site:
                     min_partition_size=s.partition.min_partition_size,
                     on_error=s.dataset.on_error)
             records = _SPLITS[key][0 if split == "train" else 1]
-            _LOADERS[(key, split)] = make_loader(
+            if split == "train":
+                records = self._training_records(records)
+            _LOADERS[(key, split, wrong)] = make_loader(
                 records, s.dataset.image_size, train=split == "train",
                 balanced=split == "train" and s.training.balanced_sampling,
                 batch_size=s.training.batch_size, num_workers=s.training.num_workers,
                 cache=image_cache_dir() if s.dataset.cache else False, seed=s.seed,
                 on_error=s.dataset.on_error)
-        return _LOADERS[(key, split)]
+        return _LOADERS[(key, split, wrong)]
 
     # ------------------------------------------------------------------ model
     def new_model(self) -> nn.Module:

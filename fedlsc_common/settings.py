@@ -82,6 +82,13 @@ class StrategySettings:
     granularity: str
     max_update_norm_ratio: float
     update_dtype: str
+    agreement_k: float
+    agreement_min_gap: float
+    agreement_rounds: int
+    disagreeing_weight: float
+    num_malicious_nodes: int
+    num_nodes_to_select: int
+    trim_beta: float
 
 
 @dataclass(frozen=True)
@@ -129,6 +136,31 @@ class TrainingSettings:
     num_workers: int
 
 
+#: What a simulated bad site can do (``attack.kind``); see conf/attack/none.yaml.
+ATTACK_KINDS = ("none", "label-noise", "label-permutation", "poison")
+
+
+@dataclass(frozen=True)
+class AttackSettings:
+    """A simulated bad site (experiments only): which one, and what it does wrong."""
+
+    kind: str
+    site: int
+    fraction: float
+    scale: float
+
+    @property
+    def active(self) -> bool:
+        return self.kind != "none"
+
+    def describe(self) -> str:
+        """One line for logs and summaries."""
+        what = {"none": "none", "label-noise": f"{self.fraction:g} of its training labels "
+                "shuffled", "label-permutation": "trains on a permuted label map",
+                "poison": f"replies w_g − {self.scale:g}·(w_i − w_g)"}[self.kind]
+        return "none" if not self.active else f"{self.kind} at partition {self.site}: {what}"
+
+
 @dataclass(frozen=True)
 class Settings:
     """Every hyper-parameter of a run; built from the run config, values from ``conf/``."""
@@ -138,6 +170,7 @@ class Settings:
     partition: PartitionSettings
     model: ModelSettings
     training: TrainingSettings
+    attack: AttackSettings
     num_server_rounds: int
     seed: int
     results_dir: str
@@ -191,7 +224,12 @@ class Settings:
                 min_train_nodes=self.min_train_nodes,
                 min_evaluate_nodes=self.min_train_nodes,
                 min_available_nodes=self.min_available_nodes,
-                min_train_replies=self.min_train_replies, **flower_kwargs)
+                min_train_replies=self.min_train_replies,
+                agreement_k=s.agreement_k, agreement_min_gap=s.agreement_min_gap,
+                agreement_rounds=s.agreement_rounds, disagreeing_weight=s.disagreeing_weight,
+                num_malicious_nodes=s.num_malicious_nodes,
+                num_nodes_to_select=s.num_nodes_to_select, trim_beta=s.trim_beta,
+                **flower_kwargs)
         except HyperParameterError as err:
             key = "strategy." + err.name.replace("_", "-")
             raise ConfigError(f"run config '{key}' = {err.value!r}: must be {err.requirement}"
@@ -227,6 +265,7 @@ class Settings:
             (self.evaluate_every >= 1, "evaluate-every", "at least 1 (rounds)"),
             (self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"), "device",
              "'auto', 'cpu', 'cuda' or 'cuda:N'"),
+            *self._attack_checks(),
         ]
         for ok, key, expected in checks:
             if not ok:
@@ -238,6 +277,17 @@ class Settings:
         except ValueError:
             raise ConfigError(f"run config 'target-accuracies' = {self.target_accuracies!r}: "
                               "must be comma-separated numbers, e.g. '0.7,0.8'") from None
+
+
+    def _attack_checks(self) -> list[tuple[bool, str, str]]:
+        a = self.attack
+        return [
+            (a.kind in ATTACK_KINDS, "attack.kind", "one of " + ", ".join(ATTACK_KINDS)),
+            (not a.active or 0 <= a.site < self.partition.num_partitions, "attack.site",
+             f"a partition id in [0, {self.partition.num_partitions - 1}]"),
+            (a.kind != "label-noise" or 0 < a.fraction <= 1, "attack.fraction", "in (0, 1]"),
+            (a.kind != "poison" or a.scale > 0, "attack.scale", "a number > 0"),
+        ]
 
 
 def project_root() -> Path | None:

@@ -423,6 +423,33 @@ def _workspace(n: int, layers: Sequence[Layer]) -> np.ndarray:
     return np.empty(n * min(largest, block_columns(n)), np.float32)
 
 
+def rescaled_weights(weights: np.ndarray, factors: np.ndarray) -> np.ndarray:
+    """Eq. 4 weights times a factor per client, renormalised to sum to 1 (unchanged when
+    every factor is 0)."""
+    scaled = np.asarray(weights, dtype=np.float64) * np.asarray(factors, dtype=np.float64)
+    total = scaled.sum()
+    return scaled / total if total > 0 else np.asarray(weights, dtype=np.float64)
+
+
+def reweigh_layers(
+    global_state: Mapping[str, np.ndarray],
+    client_states: Sequence[Mapping[str, np.ndarray]],
+    layers: Iterable[Layer],
+    weights: Mapping[str, np.ndarray],
+) -> dict[str, np.ndarray]:
+    """Eq. 5 again for the named layers with the given weights (a second pass over the
+    updates, e.g. after some clients' Eq. 4 weights were scaled down)."""
+    layers = [layer for layer in layers if layer.name in weights]
+    n = len(client_states)
+    workspace = np.empty(n * max((layer.size for layer in layers), default=0), np.float32)
+    new_state: dict[str, np.ndarray] = {}
+    for layer in layers:
+        updates = update_matrix(global_state, client_states, layer, workspace)
+        new_state.update(weighted_sum(global_state, client_states, layer, weights[layer.name],
+                                      updates))
+    return new_state
+
+
 def average_layers(
     global_state: Mapping[str, np.ndarray],
     client_states: Sequence[Mapping[str, np.ndarray]],

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import time
-from logging import ERROR, INFO
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
 import torch
@@ -73,6 +73,7 @@ def main(grid: Grid, context: Context) -> None:
 
     strategy = settings.build_strategy(evaluate_metrics_aggr_fn=functools.partial(
         pooled_evaluate_metrics, class_names=CLASSES))
+    attack = _simulated_attack(settings)
 
     done, rows = 0, []
     if settings.resume_from:
@@ -110,7 +111,7 @@ def main(grid: Grid, context: Context) -> None:
                     "image_size": settings.dataset.image_size,
                     "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
         class_names=list(CLASSES), targets=settings.targets, previous_rows=rows,
-        tensorboard=tensorboard)
+        tensorboard=tensorboard, simulated_attack=attack)
     recorded.start(grid=metered, initial_arrays=arrays, num_rounds=remaining,
                    timeout=float(settings.round_timeout),
                    train_config=ConfigRecord({"round-offset": done}),
@@ -127,6 +128,21 @@ def main(grid: Grid, context: Context) -> None:
         "held-out data; personalized models mean balanced accuracy %.4f. Files in %s",
         final.get("balanced-accuracy", float("nan")), final.get("accuracy", float("nan")),
         summary["final"]["personalized"].get("balanced-accuracy", float("nan")), results_dir)
+
+
+def _simulated_attack(settings: Settings) -> dict[str, object] | None:
+    """The run's simulated bad site (``attack.*``), announced in the log; None if none."""
+    a = settings.attack
+    if not a.active:
+        return None
+    if settings.partition.name == "folder":
+        log(WARNING, "attack.kind = %s is set, but sites reading their own data folders "
+            "(partition.name = folder) never apply it: no site is simulated as bad", a.kind)
+        return None
+    log(WARNING, "SIMULATED BAD SITE in this run: %s (site-%s unless the node config names "
+        "it otherwise)", a.describe(), a.site)
+    return {"kind": a.kind, "partition_id": a.site, "fraction": a.fraction, "scale": a.scale,
+            "description": a.describe()}
 
 
 def _truncate_similarity(source: Path, target: Path, done: int) -> None:

@@ -131,3 +131,34 @@ def plot_confusion(confusion: Mapping[str, Any], path: str | Path, title: str = 
     fig.suptitle(title or "confusion matrices (colour: share of the true class)", fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_agreement(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str = "") -> Path:
+    """Each site's agreement with the others per round (FedLSC's report), one line per
+    site; the rule's threshold dotted, rounds where a site was flagged marked with ✕."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    reported = [r for r in rows if r.get("agreement")]
+    sites = sorted({name for r in reported for name in r["agreement"]["sites"]})
+    for j, name in enumerate(sites):
+        color = plt.cm.tab10(j % 10)
+        mine = [r for r in reported if name in r["agreement"]["sites"]]
+        xs = [r["round"] for r in mine]
+        ys = [r["agreement"]["sites"][name]["agreement"] for r in mine]
+        ax.plot(xs, ys, marker="o", ms=3, color=color, label=name)
+        hits = [(x, y) for x, y, r in zip(xs, ys, mine)
+                if name in r["agreement"].get("flagged", [])]
+        if hits:
+            ax.plot(*zip(*hits), "x", ms=10, mew=2, color=color)
+    limits = [(r["round"], r["agreement"]["threshold"]) for r in reported
+              if r["agreement"].get("threshold") is not None]
+    if limits:
+        ax.plot(*zip(*limits), ":", color="grey", label="threshold")
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_ylabel("agreement (mean similarity to the others)")
+    ax.grid(alpha=0.3)
+    if sites:
+        ax.legend(fontsize=8)
+    ax.set_title(title or "site agreement per round (✕ flagged)")
+    return _save(fig, path)

@@ -4,7 +4,8 @@ Files in the results folder (each written atomically):
 ``metrics.jsonl`` one JSON object per round (with the round's confusion matrices, pooled
 and per site); ``similarity.jsonl`` FedLSC's per-layer table per round; ``checkpoint.pt``
 enough to resume; ``global_model.pt`` a self-describing model file; ``summary.json``;
-``accuracy.png``, ``confusion_matrix.png`` and ``similarity_heatmap.png``; with
+``accuracy.png``, ``confusion_matrix.png``, ``similarity_heatmap.png`` and
+``agreement.png`` (FedLSC's site agreement per round, one line per site); with
 ``tensorboard = true``, every round's metrics as TensorBoard scalars in ``tensorboard/``.
 """
 
@@ -29,7 +30,12 @@ from fedlsc_common.storage import atomic_write_json, atomic_write_text, save_che
 from fedlsc_flwr.metrics import MODEL_GROUPS
 from fedlsc_flwr.strategy import SiteTracking
 from fedlsc_flwr.wire import TIMING_RECORD_KEY, message_bytes, site_name_in
-from server_app.plots import plot_accuracy, plot_confusion, plot_similarity_heatmap
+from server_app.plots import (
+    plot_accuracy,
+    plot_agreement,
+    plot_confusion,
+    plot_similarity_heatmap,
+)
 
 
 class MeteredGrid:
@@ -255,7 +261,8 @@ class RunRecorder:
                  run_config: Mapping[str, Any], strategy_name: str, round_offset: int,
                  model_info: Mapping[str, Any], class_names: list[str],
                  targets: list[float], previous_rows: list[dict[str, Any]] | None = None,
-                 tensorboard: TensorBoardLog | None = None) -> None:
+                 tensorboard: TensorBoardLog | None = None,
+                 simulated_attack: Mapping[str, Any] | None = None) -> None:
         self.dir = results_dir
         self.recorded = strategy
         self.strategy = strategy.inner
@@ -271,6 +278,7 @@ class RunRecorder:
         if tensorboard is not None:
             for row in self.rows:  # a resumed run's log holds its earlier rounds too
                 tensorboard.write(row)
+        self.simulated_attack = dict(simulated_attack) if simulated_attack else None
         self._round_start = time.perf_counter()
         self._round_started_at = time.time()
         self.last_arrays: ArrayRecord | None = None
@@ -292,6 +300,7 @@ class RunRecorder:
         record_start = time.time()
         true_round = server_round + self.offset
         row = self._row(true_round)
+        row["agreement"] = self._agreement(server_round, true_round)
         self.rows.append(row)
         self.last_arrays = arrays
         atomic_write_text(self.dir / "metrics.jsonl",
@@ -316,6 +325,8 @@ class RunRecorder:
             plot_confusion(row["confusion"], self.dir / "confusion_matrix.png",
                            title=f"{self.strategy_name}, round {true_round}: held-out "
                                  "confusion matrices (colour: share of the true class)")
+        if any(r.get("agreement") for r in self.rows):
+            plot_agreement(self.rows, self.dir / "agreement.png", title=self.strategy_name)
         # The round ends here: writing its results is part of it. The row was written
         # before the checkpoint (a resumed run finds a row for every checkpointed round);
         # now again with the round's wall time.
@@ -395,6 +406,15 @@ class RunRecorder:
                 out[name] = {"pooled": pooled, "sites": per_site}
         return out if len(out) > 1 else None
 
+    def _agreement(self, server_round: int, true_round: int) -> dict[str, Any] | None:
+        """FedLSC's per-site agreement of this round (None for strategies that compute no
+        similarities, or a round that did not aggregate)."""
+        report = self.strategy.last_report
+        if report is None or report.server_round != server_round \
+                or getattr(report, "agreement", None) is None:
+            return None
+        return {**report.agreement, "round": true_round}
+
     def finish(self) -> dict[str, Any]:
         """Final model and summary.json; returns the summary."""
         if self.last_arrays is not None:
@@ -420,6 +440,10 @@ class RunRecorder:
             "rounds_to_reach_accuracy": reached if scored else {},
             "personalized_layers": sorted(self.strategy.personalized_layers),
             "bytes_per_round": _mean_traffic(self.rows),
+            # a simulated bad site of this run (attack.*), or None
+            "attack": self.simulated_attack,
+            # sites FedLSC's agreement report named, with the first round it did
+            "flagged_sites": _first_flagged(self.rows),
             "config": self.run_config,
         }
         atomic_write_json(self.dir / "summary.json", summary)
@@ -438,6 +462,14 @@ def _square(flat: list[int], size: int) -> list[list[int]] | None:
 def _mean_traffic(rows: list[dict[str, Any]]) -> dict[str, float]:
     keys = sorted({k for r in rows for k in r.get("bytes", {})})
     return {k: float(np.mean([r["bytes"].get(k, 0) for r in rows])) for k in keys}
+
+
+def _first_flagged(rows: list[dict[str, Any]]) -> dict[str, int]:
+    first: dict[str, int] = {}
+    for row in rows:
+        for name in (row.get("agreement") or {}).get("flagged", []):
+            first.setdefault(name, row["round"])
+    return first
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:

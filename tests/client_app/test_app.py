@@ -127,10 +127,11 @@ class _TwoNodes:
         return [1, 2]
 
 
-@pytest.mark.parametrize("name", STRATEGY_NAMES)
+@pytest.mark.parametrize("name", [n for n in STRATEGY_NAMES if n != "bulyan"])
 def test_every_method_trains_two_rounds_with_the_real_client_app(site, name):
     """Server strategy and ClientApp agree on what is sent and returned, for every method:
-    two rounds, two sites, no reply dropped."""
+    two rounds, two sites, no reply dropped. (Bulyan needs at least 3 sites even with
+    f = 0; test_robust.py feeds it 7.)"""
     flat, node, out = site
     strategy = build_strategy(name, min_available_nodes=2, min_train_nodes=2,
                               min_train_replies=2, head_layer="classifier")
