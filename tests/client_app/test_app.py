@@ -36,7 +36,7 @@ def site(tmp_path):
                              "male", "back", "site-a"])
             Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(
                 folder / "images" / f"ISIC_{i:07d}.jpg")
-    flat = to_run_config(compose(["dataset.image_size=32", "training.batch_size=8",
+    flat = to_run_config(compose(["model=small", "dataset.image_size=32", "training.batch_size=8",
                                   "training.max_batches_per_epoch=2"]))
     node = {"partition-id": 0, "num-partitions": 1, "site-name": "site-a",
             "data-dir": str(folder), "output-dir": str(tmp_path / "out")}
