@@ -45,7 +45,7 @@ def data_dir(tmp_path_factory):
 
 def _run_config(data_dir, *attack):
     return to_run_config(compose([
-        "partition=site", "partition.num_partitions=2", "min_available_nodes=2",
+        "model=small", "partition=site", "partition.num_partitions=2", "min_available_nodes=2",
         "min_train_nodes=2", f"dataset.data_dir={data_dir}", "dataset.image_size=32",
         "dataset.cache=false", "training.batch_size=8", "training.max_batches_per_epoch=2",
         *attack]))

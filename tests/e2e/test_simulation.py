@@ -26,6 +26,8 @@ COMMON = {
     "num-server-rounds": "2", "dataset.image-size": "32", "training.batch-size": "16",
     "training.max-batches-per-epoch": "3", "strategy.personalized-ratio": "0.1",
     "dataset.data-dir": f"'{DATA}'",
+    # the small model, as before the main job moved to a pretrained EfficientNet
+    "model.backbone": "'resnet10t_sa'", "model.pretrained": "'false'",
 }
 
 
