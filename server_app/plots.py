@@ -90,8 +90,10 @@ def plot_confusion(confusion: Mapping[str, Any], path: str | Path, title: str = 
     """
     classes = list(confusion["classes"])
     groups = [g for g in ("global", "personalized") if confusion.get(g)]
+    same = ""
     if "personalized" in groups and confusion["personalized"] == confusion.get("global"):
-        groups.remove("personalized")  # nothing personalized: the same matrices twice
+        groups.remove("personalized")  # the same matrices twice: draw them once
+        same = "\n(the personalized models give the same matrices)"
     panels = []
     for group in groups:
         sites = confusion[group].get("sites", {})
@@ -128,7 +130,8 @@ def plot_confusion(confusion: Mapping[str, Any], path: str | Path, title: str = 
                 ax.set_ylabel("true class", fontsize=8)
             if r == len(panels) - 1:
                 ax.set_xlabel("predicted class", fontsize=8)
-    fig.suptitle(title or "confusion matrices (colour: share of the true class)", fontsize=9)
+    fig.suptitle((title or "confusion matrices (colour: share of the true class)") + same,
+                 fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
 

@@ -322,9 +322,15 @@ class RunRecorder:
                         strategy_state=state, run_config=self.run_config)
         plot_accuracy(self.rows, self.dir / "accuracy.png", title=self.strategy_name)
         if row.get("confusion"):
-            plot_confusion(row["confusion"], self.dir / "confusion_matrix.png",
-                           title=f"{self.strategy_name}, round {true_round}: held-out "
-                                 "confusion matrices (colour: share of the true class)")
+            drawn, note = dict(row["confusion"]), ""
+            if not self.global_model_scored:  # as in the log: its layers were never trained
+                drawn.pop("global", None)
+                note = " (global model not scored: some of its layers stay on the sites)"
+            if len(drawn) > 1:
+                plot_confusion(drawn, self.dir / "confusion_matrix.png",
+                               title=f"{self.strategy_name}, round {true_round}: held-out "
+                                     f"confusion matrices, colour = share of the true "
+                                     f"class{note}")
         if any(r.get("agreement") for r in self.rows):
             plot_agreement(self.rows, self.dir / "agreement.png", title=self.strategy_name)
         # The round ends here: writing its results is part of it. The row was written

@@ -184,6 +184,8 @@ def test_stage1_heatmap_is_drawn_once_and_not_redrawn_after_a_resume(tmp_path):
     recorder(1, arrays)
     assert (tmp_path / "resumed" / "similarity_heatmap.png").is_file()
     assert not (tmp_path / "resumed" / "similarity_heatmap_stage1.png").exists()
+
+
 def _evaluate_reply(node, site, global_cm, personal_cm):
     from fedlsc_flwr.wire import site_record
 
@@ -239,6 +241,27 @@ def test_confusion_matrices_pooled_and_per_site_are_recorded_and_drawn(tmp_path)
     # a later round without evaluation keeps the last drawing, and records no matrices
     recorder(2, arrays)
     assert recorder.rows[-1]["confusion"] is None and png.is_file()
+
+
+def test_confusion_plot_leaves_out_an_unscored_global_model(tmp_path):
+    import functools
+
+    from server_app.recorder import RecordedStrategy
+
+    names = ["a", "b"]
+    strategy = RecordedStrategy(PersonalizedFedAvg(["classifier"], evaluate_metrics_aggr_fn=(
+        functools.partial(pooled_evaluate_metrics, class_names=names))))
+    recorder = _recorder(tmp_path, strategy, names)
+    arrays = ArrayRecord({"w": Array(np.zeros(3, np.float32))})
+    recorder(0, arrays)
+    strategy.aggregate_evaluate(1, [_evaluate_reply(1, "h1", [[1, 1], [1, 1]], [[2, 0], [0, 2]]),
+                                    _evaluate_reply(2, "h2", [[1, 1], [1, 1]], [[2, 0], [1, 1]])])
+    recorder(1, arrays)
+    assert recorder.rows[0]["confusion"]["global"]["pooled"] == [[2, 2], [2, 2]]  # kept as data
+    from PIL import Image
+
+    width, height = Image.open(tmp_path / "confusion_matrix.png").size
+    assert width / height > 2.2  # one row of panels (personalized), not two
 
 
 def _scalars(folder):
