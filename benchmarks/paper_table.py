@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import signal
 import sys
@@ -63,41 +62,27 @@ SITE_METRICS = ("site-mean-accuracy", "site-mean-balanced-accuracy", "site-mean-
 
 
 # --------------------------------------------------------------------- statistics
-def t_cdf(x: float, df: int) -> float:
-    """Student t CDF by Simpson integration of the density (no scipy needed)."""
-    if x == 0:
-        return 0.5
-    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-    grid = np.linspace(0.0, abs(x), 4001)
-    density = np.exp(log_c - (df + 1) / 2 * np.log1p(grid ** 2 / df))
-    h = grid[1] - grid[0]
-    area = h / 3 * (density[0] + density[-1] + 4 * density[1:-1:2].sum()
-                    + 2 * density[2:-1:2].sum())
-    return 0.5 + math.copysign(float(area), x)
-
-
-def t_quantile(p: float, df: int) -> float:
-    """Quantile of Student's t (bisection on :func:`t_cdf`)."""
-    if not 0 < p < 1 or df < 1:
-        raise ValueError(f"t_quantile needs 0 < p < 1 and df >= 1, got p={p}, df={df}")
-    lo, hi = -1e3, 1e3
-    for _ in range(80):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
-    return (lo + hi) / 2
-
-
 def paired_ci(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> dict[str, float]:
-    """Paired t over matched pairs: mean of a − b, its ``level`` CI and two-sided p."""
+    """Paired t over matched pairs (``scipy.stats.ttest_rel``): mean of a − b, its
+    ``level`` confidence interval and the two-sided p-value."""
+    try:
+        from scipy import stats
+    except ImportError:
+        raise ImportError("the paired confidence intervals need scipy: "
+                          "pip install 'fedlsc-flwr[bench]'") from None
+
     diff = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     n = len(diff)
     if n < 2:
         raise ValueError("a paired confidence interval needs at least 2 pairs")
-    mean, sd = float(diff.mean()), float(diff.std(ddof=1))
-    half = t_quantile(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
-    p = 1.0 if sd == 0 and mean == 0 else (
-        0.0 if sd == 0 else 2 * (1 - t_cdf(abs(mean) / (sd / math.sqrt(n)), n - 1)))
-    return {"mean": mean, "low": mean - half, "high": mean + half, "p": p, "n": n}
+    mean = float(diff.mean())
+    if float(diff.std(ddof=1)) == 0:  # no spread: scipy would answer nan
+        return {"mean": mean, "low": mean, "high": mean, "p": 1.0 if mean == 0 else 0.0,
+                "n": n}
+    result = stats.ttest_rel(a, b)
+    interval = result.confidence_interval(confidence_level=level)
+    return {"mean": mean, "low": float(interval.low), "high": float(interval.high),
+            "p": float(result.pvalue), "n": n}
 
 
 def mean_std(values: Iterable[float | None], scale: float = 100.0) -> str:

@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from torchvision.transforms import v2
+from tqdm import tqdm
 
 from fedlsc_common.classes import CLASSES, IMAGENET_MEAN, IMAGENET_STD
 
@@ -297,8 +298,12 @@ def _decode_all(
     images = torch.empty((len(records), 3, image_size, image_size), dtype=torch.uint8)
     kept: list[int] = []
     skipped: list[str] = []
-    with ThreadPoolExecutor(_decoding_threads()) as pool:
+    # a progress bar when a person watches (stderr is a terminal), silent in logs and pipes
+    with ThreadPoolExecutor(_decoding_threads()) as pool, tqdm(
+            total=len(records), desc=f"decoding images at {image_size} px", unit="img",
+            disable=None, leave=False) as progress:
         for i, result in enumerate(pool.map(decode, records)):
+            progress.update()
             if isinstance(result, str):
                 skipped.append(result)
             else:

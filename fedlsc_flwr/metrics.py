@@ -19,29 +19,40 @@ MODEL_GROUPS = ("global", "personal")
 
 
 def classification_metrics(matrix: np.ndarray, class_names: Iterable[str]) -> dict[str, float]:
-    """Accuracy, balanced accuracy, macro precision/recall/F1 and per-class recall.
+    """Accuracy, balanced accuracy, macro precision/recall/F1 and per-class recall from a
+    confusion matrix (rows: true class, columns: predicted class).
 
-    Macro averages run over the classes present in the true labels (a class absent
-    from a site's held-out data has no recall to average).
+    The definitions are scikit-learn's, so numbers compare with published ones:
+    macro precision, recall and F1 average over the classes present in the true labels
+    *or* the predictions (``precision_recall_fscore_support(average="macro")``; a class
+    predicted but absent from the labels counts with recall 0 and F1 0, an undefined
+    precision counts as 0); balanced accuracy is the mean recall over the classes present
+    in the true labels (``balanced_accuracy_score``). Per-class recall is given for the
+    classes present in the true labels.
     """
     matrix = np.asarray(matrix, dtype=np.float64)
     total = matrix.sum()
     true = matrix.sum(1)
     pred = matrix.sum(0)
     tp = np.diag(matrix)
-    present = true > 0
+    in_truth = true > 0
+    seen = in_truth | (pred > 0)  # scikit-learn's labels: in y_true or y_pred
     recall = np.divide(tp, true, out=np.zeros_like(tp), where=true > 0)
     precision = np.divide(tp, pred, out=np.zeros_like(tp), where=pred > 0)
     f1 = np.divide(2 * precision * recall, precision + recall,
                    out=np.zeros_like(tp), where=(precision + recall) > 0)
+
+    def mean(values: np.ndarray, where: np.ndarray) -> float:
+        return float(values[where].mean()) if where.any() else 0.0
+
     metrics = {
         "accuracy": float(tp.sum() / total) if total else 0.0,
-        "balanced-accuracy": float(recall[present].mean()) if present.any() else 0.0,
-        "precision": float(precision[present].mean()) if present.any() else 0.0,
-        "recall": float(recall[present].mean()) if present.any() else 0.0,
-        "f1": float(f1[present].mean()) if present.any() else 0.0,
+        "balanced-accuracy": mean(recall, in_truth),
+        "precision": mean(precision, seen),
+        "recall": mean(recall, seen),
+        "f1": mean(f1, seen),
     }
-    for name, value, has in zip(class_names, recall, present):
+    for name, value, has in zip(class_names, recall, in_truth):
         if has:
             metrics[f"recall-{name}"] = float(value)
     return metrics

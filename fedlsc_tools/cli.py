@@ -1,9 +1,12 @@
-"""``fedlsc``: run the main job, predict with a saved model, tabulate results.
+"""The ``fedlsc`` command: run the main job, predict with a saved model, tabulate results,
+look at partitions, and make the keys and certificates of a real federation.
 
     fedlsc run [--results-dir DIR] [--run-config "key=value ..."]
     fedlsc predict --model results/x/global_model.pt --images DIR --out preds.csv
     fedlsc table results/exp-* --out table.md
     fedlsc partitions --partition dirichlet --out label_distribution.png
+    fedlsc keys DIR --name hospital-1            (at a hospital)
+    fedlsc certs DIR --name coordinator.example.org   (at the coordinator)
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -40,11 +44,8 @@ def flower_env() -> dict[str, str]:
 def simulate(project: Path, run_config: Sequence[str], *, num_supernodes: int = 3,
              cpus_per_client: int = 1, log_file: Path | None = None) -> int:
     """``flwr run`` a simulation of this project, streaming its log; returns the exit code."""
-    command = [str(Path(sys.executable).parent / "flwr"), "run", str(project),
-               "--run-config", " ".join(run_config),
-               "--federation-config",
-               f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}",
-               "--stream"]
+    command = flwr_run_command(project, run_config, num_supernodes=num_supernodes,
+                               cpus_per_client=cpus_per_client)
     out = open(log_file, "w") if log_file else None  # noqa: SIM115
     try:
         return subprocess.call(command, env=flower_env(), stdout=out or None,
@@ -54,17 +55,104 @@ def simulate(project: Path, run_config: Sequence[str], *, num_supernodes: int = 
             out.close()
 
 
+def flwr_run_command(project: Path, run_config: Sequence[str], *, num_supernodes: int,
+                     cpus_per_client: int = 1) -> list[str]:
+    """The ``flwr run`` command line of a simulation with ``num_supernodes`` sites."""
+    return [str(Path(sys.executable).parent / "flwr"), "run", str(project),
+            "--run-config", " ".join(run_config),
+            "--federation-config",
+            f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}",
+            "--stream"]
+
+
+def parse_run_config(run_config: Sequence[str]) -> dict[str, Any]:
+    """``--run-config`` values (``"key=value ..."`` strings or one TOML file each) as one
+    flat dict, read the way ``flwr run`` reads them; later values win."""
+    from flwr.common.config import parse_config_args
+
+    merged: dict[str, Any] = {}
+    for item in run_config:
+        try:
+            merged.update(parse_config_args([item]))
+        except Exception as err:  # click's and tomli's errors: one line naming the value
+            message = getattr(err, "message", None) or str(err)
+            raise ValueError(f"--run-config {item!r}: {message}") from None
+    return merged
+
+
+def _toml_value(value: Any) -> str:
+    """A run-config value as ``flwr run --run-config "key=value"`` reads it back."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    text = str(value)
+    return f"'{text}'" if "'" not in text else json.dumps(text)
+
+
+def partition_size(name: str) -> int:
+    """How many sites partition ``name`` has in ``conf/partition/<name>.yaml``."""
+    from fedlsc_common.settings import CONF_DIR, compose
+
+    known = sorted(p.stem for p in (CONF_DIR / "partition").glob("*.yaml"))
+    if name not in known:
+        raise ValueError(f"run config 'partition.name' = {name!r}: must be one of "
+                         f"{', '.join(repr(k) for k in known)}")
+    return int(compose([f"partition={name}"])["partition"]["num_partitions"])
+
+
+def federation_run_config(run_config: Sequence[str], num_supernodes: int | None
+                          ) -> tuple[int, list[str]]:
+    """The number of SuperNodes of a simulation and its run config, with the federation
+    sized by the chosen partition where the user did not say otherwise.
+
+    The partition (``partition.name``, else conf's default) decides how many sites there
+    are: ``site`` has one per contributing hospital (4), ``dirichlet`` its
+    ``num-partitions``. Unless given, ``num-supernodes`` is that count and
+    ``min-available-nodes`` / ``min-train-nodes`` wait for every site;
+    ``min-train-replies`` is lowered to the number of sites when it is larger. An explicit
+    value of any of them is kept. Returns (num_supernodes, ``key=value`` overrides).
+    """
+    from fedlsc_common.settings import compose
+
+    given = parse_run_config(run_config)
+    defaults = compose()
+    name = str(given.get("partition.name", defaults["partition"]["name"]))
+    count = partition_size(name)
+    if "partition.num-partitions" in given:
+        count = int(given["partition.num-partitions"])
+    if name == "site" and count != partition_size("site"):
+        raise ValueError(f"partition.name='site' has {partition_size('site')} sites (the "
+                         f"hospitals that contributed images), not {count}")
+    if num_supernodes is not None:
+        if num_supernodes < 1:
+            raise ValueError(f"--num-supernodes {num_supernodes}: must be at least 1")
+        if name == "site" and num_supernodes != count:
+            raise ValueError(f"--num-supernodes {num_supernodes}: partition.name='site' has "
+                             f"{count} sites, one SuperNode each")
+        if "partition.num-partitions" in given and num_supernodes != count:
+            raise ValueError(f"--num-supernodes {num_supernodes} but partition.num-partitions "
+                             f"= {count}: in simulation every SuperNode is one partition")
+        count = num_supernodes
+    derived: dict[str, Any] = {"partition.num-partitions": count,
+                               "min-available-nodes": count, "min-train-nodes": count}
+    if count < int(defaults["min_train_replies"]):
+        derived["min-train-replies"] = count
+    merged = {**{k: v for k, v in derived.items() if k not in given}, **given}
+    return count, [f"{key}={_toml_value(value)}" for key, value in merged.items()]
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from fedlsc_common.settings import project_root
 
     project = Path(args.project).resolve() if args.project else (project_root() or Path.cwd())
     results = Path(args.results_dir or f"results/main-{time.strftime('%Y%m%d-%H%M%S')}")
     results = results.resolve()
-    overrides = [f"results-dir='{results}'", *args.run_config]
-    print(f"fedlsc: FedLSC simulation of {args.num_supernodes} sites; results in {results}",
-          flush=True)
+    num_supernodes, overrides = federation_run_config(
+        [*args.run_config, f"results-dir={_toml_value(str(results))}"], args.num_supernodes)
+    print(f"fedlsc: simulation of {num_supernodes} sites; results in {results}", flush=True)
     start = time.monotonic()
-    code = simulate(project, overrides, num_supernodes=args.num_supernodes)
+    code = simulate(project, overrides, num_supernodes=num_supernodes)
     summary_path = results / "summary.json"
     if code != 0 or not summary_path.is_file():
         print(f"fedlsc: the run failed (exit code {code}); see the log above", file=sys.stderr)
@@ -95,6 +183,7 @@ def predict(model_path: Path, folder: Path, out: Path, batch_size: int = 64) -> 
     """Write the ISIC 2018 submission CSV (image,MEL,NV,BCC,AKIEC,BKL,DF,VASC)."""
     import torch
     from torchvision.transforms import v2
+    from tqdm import tqdm
 
     from client_app.data import load_image
     from fedlsc_common.classes import ISIC_COLUMNS
@@ -112,15 +201,16 @@ def predict(model_path: Path, folder: Path, out: Path, batch_size: int = 64) -> 
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["image", *ISIC_COLUMNS])
-    with torch.no_grad():
+    # a progress bar on a terminal, nothing in logs and pipes (tqdm's disable=None)
+    with torch.no_grad(), tqdm(total=len(images), desc="fedlsc predict", unit="img",
+                               disable=None) as progress:
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
             batch = torch.stack([normalize(load_image(p, info["image_size"])) for p in chunk])
             probs = torch.softmax(model(batch).float(), dim=1).numpy()
             for path, row in zip(chunk, probs):
                 writer.writerow([path.stem, *(f"{row[c]:.6f}" for c in columns)])
-            print(f"fedlsc predict: {min(start + batch_size, len(images))}/{len(images)} images",
-                  file=sys.stderr, flush=True)
+            progress.update(len(chunk))
     atomic_write_text(out, buffer.getvalue())
     print(f"fedlsc predict: wrote {len(images)} rows to {out}")
     return len(images)
@@ -208,43 +298,214 @@ def cmd_partitions(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------- keys and certs
+def cmd_keys(args: argparse.Namespace) -> int:
+    from fedlsc_tools.certs import make_key_pair
+
+    private = make_key_pair(args.folder, args.name)
+    print(f"fedlsc keys: private key {private} (0600: it never leaves this machine; pass it "
+          f"to flower-supernode --auth-supernode-private-key)\n"
+          f"fedlsc keys: public key  {private}.pub (send this one to the coordinator, who runs "
+          f"'flwr supernode register {private.name}.pub <federation> --name {args.name}')")
+    return 0
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from fedlsc_tools.certs import certificate_names, make_certificates
+
+    folder = Path(args.folder)
+    before = certificate_names(folder / "server.pem") if (folder / "server.pem").is_file() \
+        else []
+    had_ca = (folder / "ca.crt").is_file()
+    paths = make_certificates(folder, names=args.name, ips=args.ip, days=args.days)
+    now = certificate_names(paths["cert"])
+    print(f"fedlsc certs: {'kept the CA' if had_ca else 'new CA'} {paths['ca']} (send it to "
+          f"every hospital); its key {paths['ca_key']} stays here (0600)")
+    print(f"fedlsc certs: SuperLink certificate {paths['cert']} and key {paths['key']}, "
+          f"valid {args.days} days for: {', '.join(now)}")
+    if dropped := [n for n in before if n not in now]:
+        print(f"fedlsc certs: note: the previous certificate also covered {', '.join(dropped)}"
+              f"; pass them again (--name/--ip) to keep them", file=sys.stderr)
+    return 0
+
+
 # ----------------------------------------------------------------------------- main
+class HelpFormatter(argparse.HelpFormatter):
+    """Prose wrapped to the terminal, example lines (indented) kept as written, and every
+    option's default shown unless its help already says it."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        out: list[str] = []
+        prose: list[str] = []
+        for line in [*text.splitlines(), None]:
+            if line and not line.startswith(" "):
+                prose.append(line)
+                continue
+            if prose:
+                out.append(super()._fill_text(" ".join(prose), width, indent))
+                prose = []
+            if line is not None:
+                out.append(indent + line if line.strip() else "")
+        return "\n".join(out)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or not action.option_strings or action.required
+                or action.default is None or action.default is False
+                or action.default in ("", []) or action.default is argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
+
+
+def _sub(sub: Any, name: str, summary: str, description: str, examples: str
+         ) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=summary, description=description,
+                          epilog="examples:\n" + examples, formatter_class=HelpFormatter)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``fedlsc`` command line (every option says what it does and its default)."""
+    parser = argparse.ArgumentParser(
+        prog="fedlsc", formatter_class=HelpFormatter,
+        description="FedLSC (federated learning with layer similarity comparison) for "
+                    "skin-lesion classification across hospitals: run simulations, predict "
+                    "with a saved model, tabulate results, and make the keys and "
+                    "certificates of a real federation.",
+        epilog="examples:\n"
+               "  fedlsc run --results-dir results/main\n"
+               "  fedlsc predict --model results/main/global_model.pt "
+               "--images ../shared/data/isic2018_test/images --out preds.csv\n"
+               "  fedlsc keys keys/ --name hospital-1\n"
+               "\nRun 'fedlsc COMMAND --help' for a command's options; sweeps over settings: "
+               "fedlsc-experiment --help")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = _sub(sub, "run", "simulate a federation on HAM10000 (flwr run) and print the result",
+               "Run the app as a Flower simulation (`flwr run --stream`) on this machine: one "
+               "virtual SuperNode per site of the chosen partition, settings from conf/ with "
+               "your --run-config overrides. Prints the global model's held-out balanced "
+               "accuracy at the end; every file of the run is in --results-dir.",
+               "  fedlsc run --results-dir results/main\n"
+               "  fedlsc run --run-config \"strategy.name='fedavg' num-server-rounds=10\"\n"
+               "  fedlsc run --run-config \"partition.name='site'\"   "
+               "(the 4 real hospitals: 4 SuperNodes)\n"
+               "  fedlsc run --run-config my_settings.toml\n")
+    run.add_argument("--results-dir", default="", metavar="DIR",
+                     help="where the run writes metrics, plots, models and checkpoints "
+                          "(default: results/main-<date>-<time>)")
+    run.add_argument("--project", default="", metavar="DIR",
+                     help="the Flower app to run (default: this checkout: "
+                          "$FEDLSC_PROJECT_DIR, else where fedlsc-flwr is installed from)")
+    run.add_argument("--num-supernodes", type=int, default=None, metavar="N",
+                     help="virtual SuperNodes (sites) (default: the partition's number of "
+                          "sites: partition.num-partitions, or 4 for partition.name='site'); "
+                          "min-available-nodes and min-train-nodes follow it unless given")
+    run.add_argument("--run-config", action="append", default=[], metavar="'KEY=VALUE ...'",
+                     help="Flower run-config overrides of conf/'s settings, as for flwr run: "
+                          "space-separated key=value pairs or a .toml file; may be repeated "
+                          "(default: none, conf/ as it is)")
+
+    pred = _sub(sub, "predict", "class probabilities of every image in a folder (ISIC CSV)",
+                "Write the ISIC 2018 Task 3 submission CSV (image,MEL,NV,BCC,AKIEC,BKL,DF,"
+                "VASC: one row of probabilities per image) for every .jpg/.jpeg/.png below "
+                "--images, with a model file a run wrote (global_model.pt, or a site's "
+                "personalized_model.pt).",
+                "  fedlsc predict --model results/main/global_model.pt "
+                "--images ../shared/data/isic2018_test/images --out preds.csv\n")
+    pred.add_argument("--model", required=True, type=Path, metavar="FILE",
+                      help="model file written by a run (global_model.pt or "
+                           "sites/<site>/personalized_model.pt)")
+    pred.add_argument("--images", required=True, type=Path, metavar="DIR",
+                      help="folder searched recursively for images")
+    pred.add_argument("--out", required=True, type=Path, metavar="CSV",
+                      help="CSV file to write (atomically)")
+    pred.add_argument("--batch-size", type=int, default=64, metavar="N",
+                      help="images per forward pass")
+
+    parts = _sub(sub, "partitions", "label counts per site of a partition (table and PNG)",
+                 "Split HAM10000 as a simulation would and show how many images of each "
+                 "class every site gets: printed as a table and drawn as a stacked bar chart.",
+                 "  fedlsc partitions --partition site --out sites.png\n"
+                 "  fedlsc partitions --num-partitions 5 --beta 0.1 --out skewed.png\n")
+    parts.add_argument("--data-dir", default="", metavar="DIR",
+                       help="HAM10000 folder (default: $FEDLSC_DATA_DIR, else "
+                            "../shared/data/ham10000 beside the checkout)")
+    parts.add_argument("--partition", choices=("dirichlet", "site"), default="dirichlet",
+                       help="dirichlet: label skew drawn from Dirichlet(beta) over lesions; "
+                            "site: one site per contributing hospital")
+    parts.add_argument("--num-partitions", type=int, default=3, metavar="N",
+                       help="number of sites (dirichlet only)")
+    parts.add_argument("--beta", type=float, default=0.5,
+                       help="Dirichlet concentration: smaller is more skewed (dirichlet only)")
+    parts.add_argument("--seed", type=int, default=0, help="random seed of the split")
+    parts.add_argument("--min-partition-size", type=int, default=50, metavar="N",
+                       help="fewest images a site may get (dirichlet only)")
+    parts.add_argument("--out", type=Path, default=Path("label_distribution.png"),
+                       metavar="PNG", help="plot to write")
+
+    table = _sub(sub, "table", "mean ± std table of finished runs (markdown)",
+                 "Read summary.json of every results folder given and print a markdown table: "
+                 "per strategy and partition, mean ± std over the runs (seeds) of the global "
+                 "model's held-out scores, the personalized models' balanced accuracy, and "
+                 "traffic per round.",
+                 "  fedlsc table results/fedavg-* results/fedlsc-* --out table.md\n"
+                 "  fedlsc table multirun/2026-11-27_10-00-00/*/results\n")
+    table.add_argument("results", nargs="+", metavar="DIR",
+                       help="results folders (each with a summary.json)")
+    table.add_argument("--out", type=Path, metavar="MD",
+                       help="also write the table to this file (default: print only)")
+
+    keys = _sub(sub, "keys", "at a hospital: its SuperNode key pair (only .pub leaves)",
+                "Make this hospital's SuperNode key pair (ECDSA P-384, OpenSSH format): "
+                "FOLDER/NAME, the private key (0600; it never leaves this machine) and "
+                "FOLDER/NAME.pub, the public key to send to the coordinator, who registers "
+                "it with 'flwr supernode register'. An existing key is kept.",
+                "  fedlsc keys /etc/fedlsc --name hospital-1\n"
+                "  flower-supernode ... --auth-supernode-private-key /etc/fedlsc/hospital-1\n")
+    keys.add_argument("folder", type=Path, metavar="FOLDER", help="where to write the keys")
+    keys.add_argument("--name", required=True,
+                      help="this hospital's name: the key's file name and comment")
+
+    certs = _sub(sub, "certs", "at the coordinator: CA and SuperLink TLS certificate",
+                 "Make the federation's CA (FOLDER/ca.crt, to send to every hospital; its key "
+                 "FOLDER/ca.key stays here, 0600) and the SuperLink's certificate "
+                 "(FOLDER/server.pem, FOLDER/server.key) valid for every host name and IP "
+                 "address the hospitals use to reach it. No hospital key is made here: each "
+                 "hospital makes its own with 'fedlsc keys'. Run it again with another "
+                 "--name to re-sign the certificate with the same CA (pass the old names "
+                 "too): the hospitals' ca.crt stays valid.",
+                 "  fedlsc certs certs/ --name coordinator.example.org\n"
+                 "  fedlsc certs certs/ --name coordinator.example.org --name fl.example.org "
+                 "--ip 10.0.0.5\n"
+                 "  flower-superlink --ssl-ca-certfile certs/ca.crt --ssl-certfile "
+                 "certs/server.pem --ssl-keyfile certs/server.key ...\n")
+    certs.add_argument("folder", type=Path, metavar="FOLDER",
+                       help="where the CA and the certificate are (kept between runs)")
+    certs.add_argument("--name", action="append", default=[], metavar="HOST",
+                       help="a host name the SuperLink is reached by; repeat for several "
+                            "(default: none; give at least one --name or --ip)")
+    certs.add_argument("--ip", action="append", default=[], metavar="ADDRESS",
+                       help="an IP address the SuperLink is reached by; repeat for several")
+    certs.add_argument("--days", type=int, default=365,
+                       help="days the SuperLink certificate is valid; a new CA gets 10 "
+                            "times as many")
+    return parser
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    predict(args.model, args.images, args.out, args.batch_size)
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "predict": cmd_predict, "partitions": cmd_partitions,
+            "table": cmd_table, "keys": cmd_keys, "certs": cmd_certs}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fedlsc", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the main job: a FedLSC simulation on HAM10000")
-    run.add_argument("--results-dir", default="")
-    run.add_argument("--project", default="")
-    run.add_argument("--num-supernodes", type=int, default=3)
-    run.add_argument("--run-config", action="append", default=[],
-                     help="extra Flower run-config overrides, e.g. \"strategy.name='fedavg'\"")
-    pred = sub.add_parser("predict", help="ISIC submission CSV from a saved model")
-    pred.add_argument("--model", required=True, type=Path)
-    pred.add_argument("--images", required=True, type=Path)
-    pred.add_argument("--out", required=True, type=Path)
-    pred.add_argument("--batch-size", type=int, default=64)
-    parts = sub.add_parser("partitions", help="label distribution per client (PNG)")
-    parts.add_argument("--data-dir", default="")
-    parts.add_argument("--partition", choices=("dirichlet", "site"), default="dirichlet")
-    parts.add_argument("--num-partitions", type=int, default=3)
-    parts.add_argument("--beta", type=float, default=0.5)
-    parts.add_argument("--seed", type=int, default=0)
-    parts.add_argument("--min-partition-size", type=int, default=50)
-    parts.add_argument("--out", type=Path, default=Path("label_distribution.png"))
-    table = sub.add_parser("table", help="mean ± std table of result folders")
-    table.add_argument("results", nargs="+")
-    table.add_argument("--out", type=Path)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
-        if args.command == "run":
-            return cmd_run(args)
-        if args.command == "predict":
-            predict(args.model, args.images, args.out, args.batch_size)
-            return 0
-        if args.command == "partitions":
-            return cmd_partitions(args)
-        return cmd_table(args)
-    except (FileNotFoundError, ValueError) as err:
+        return COMMANDS[args.command](args)
+    except (FileNotFoundError, ValueError) as err:  # ConfigError, CertificateError too
         print(f"fedlsc {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -6,7 +6,8 @@
 Each job flattens its composed config into a Flower run-config TOML file and runs
 ``flwr run`` in simulation (one virtual SuperNode per partition); results land in the
 job's folder. At the end of a sweep, ``table.md`` (mean ± std over seeds) is written
-beside the jobs.
+beside the jobs. The command exits with status 1 when any job failed (every job still
+runs, and the table holds the ones that finished).
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ def run_job(cfg: dict[str, Any], job_dir: Path) -> int:
                     log_file=job_dir / "flower.log")
 
 
+#: Folders of the jobs of this process that failed (Hydra's basic launcher runs them here).
+FAILED_JOBS: list[Path] = []
+
+
 class CollectResults(Callback):
     """After a sweep: ``table.md`` of every job's summary.json."""
 
@@ -62,12 +67,19 @@ def _main(cfg: DictConfig) -> None:
     plain = OmegaConf.to_container(cfg, resolve=True)
     code = run_job(plain, job_dir)  # type: ignore[arg-type]
     if code != 0:
+        FAILED_JOBS.append(job_dir)
         print(f"fedlsc-experiment: job in {job_dir} failed (exit {code}); "
               f"see {job_dir / 'flower.log'}", file=sys.stderr)
 
 
 def main() -> None:
+    """Run the job or sweep; exit 1 if any job failed (a job's exception exits 1 too)."""
+    FAILED_JOBS.clear()
     _main()
+    if FAILED_JOBS:
+        print(f"fedlsc-experiment: {len(FAILED_JOBS)} job(s) failed: "
+              + ", ".join(str(j) for j in FAILED_JOBS), file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,10 @@ also when something fails.
     python -m fedlsc_tools.loopback run --work /tmp/fedlsc-deploy --rounds 2
     python -m fedlsc_tools.loopback certs docker/certs     (for docker/compose.tls.yml)
 
-In production the same commands run one per machine: see the README.
+Keys follow the production flow: the coordinator's folder (``certs/``) holds the CA and
+the SuperLink's certificate only; each hospital's key pair is made in that hospital's own
+folder (``keys/<hospital>/``) and only its public key is read to register it. In
+production the same commands run one per machine: see the README.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from typing import Any
 import tomli_w
 
 from fedlsc_common.settings import project_root, run_config_toml
-from fedlsc_tools.certs import make_certificates, make_site_key
+from fedlsc_tools.certs import make_certificates, make_key_pair
 from fedlsc_tools.cli import flower_env
 
 
@@ -163,7 +166,12 @@ class LoopbackFederation:
         return subprocess.run(["flwr", *args], env=self.env, cwd=self.work, capture_output=True,
                               text=True, timeout=timeout)
 
+    def key_folder(self, name: str) -> Path:
+        """Where hospital ``name`` keeps its own key pair (never the coordinator's folder)."""
+        return self.work / "keys" / name
+
     def register(self, key: Path, name: str) -> None:
+        """The coordinator registers a hospital from its public key (``key``.pub) alone."""
         done = self.flwr("supernode", "register", f"{key}.pub", self.federation, "--name", name)
         if done.returncode != 0:
             raise DeploymentError(f"registering {name} failed: {done.stdout}{done.stderr}")
@@ -182,7 +190,7 @@ class LoopbackFederation:
         command += (["--root-certificates", str(self.certs["ca"])] if self.tls
                     else ["--insecure"])
         if self.auth:
-            key = make_site_key(self.work / "keys", name)
+            key = make_key_pair(self.key_folder(name), name)  # made at the hospital
             if register:
                 self.register(key, name)
             command += ["--auth-supernode-private-key", str(key)]
@@ -264,15 +272,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--no-tls", action="store_true")
     run.add_argument("--no-auth", action="store_true")
     run.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. dataset.image_size=32")
-    certs = sub.add_parser("certs", help="CA, SuperLink certificate and hospital keys")
+    certs = sub.add_parser(
+        "certs", help="for the docker demo: FOLDER/coordinator/ (CA, SuperLink certificate) "
+                      "and FOLDER/hospital-<k>/ (each hospital's own key pair)")
     certs.add_argument("folder", type=Path)
-    certs.add_argument("--sites", type=int, default=3)
-    certs.add_argument("--name", action="append", default=["localhost", "superlink"],
-                       help="DNS names the SuperLink certificate must cover")
+    certs.add_argument("--sites", type=int, default=3, help="hospitals (default: 3)")
+    certs.add_argument("--name", action="append", default=[],
+                       help="DNS names the SuperLink certificate must cover (default: "
+                            "localhost and superlink, the compose service name)")
     args = parser.parse_args(argv)
     if args.command == "certs":
-        paths = make_certificates(args.folder, names=args.name)
-        keys = [make_site_key(args.folder, f"hospital-{i + 1}") for i in range(args.sites)]
+        paths = make_certificates(args.folder / "coordinator",
+                                  names=args.name or ["localhost", "superlink"])
+        keys = [make_key_pair(args.folder / f"hospital-{i + 1}", f"hospital-{i + 1}")
+                for i in range(args.sites)]
         print("\n".join(str(p) for p in [*paths.values(), *keys]))
         return 0
     work = args.work.resolve()

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from client_app.data import METADATA_FILE, DataError, Record, class_counts, read_ham10000
 from client_app.partition import Partition, partition_records
@@ -78,27 +79,32 @@ def export_site_folders(
         rows = {row["image_id"].strip(): row for row in reader}
     out_root.mkdir(parents=True, exist_ok=True)
     folders = []
-    for k, part in enumerate(parts):
-        folder = out_root / f"site_{k}"
-        folders.append(folder)
-        if folder.exists():
-            if not _folder_matches(folder, part):
-                raise DataError(
-                    f"{folder} exists with other data; remove it or pick another out_root"
-                )
-            logger.info("Site folder %s already written, kept", folder)
-            continue
-        tmp = out_root / f".site_{k}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "images").mkdir(parents=True)
-        for r in part:
-            _link_or_copy(r.path, tmp / "images" / r.path.name)
-        with (tmp / METADATA_FILE).open("w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=fieldnames)
-            writer.writeheader()
-            writer.writerows(rows[r.image_id] for r in part)
-        os.rename(tmp, folder)  # the folder appears complete or not at all
-        logger.info("Wrote %s: %d images", folder, len(part))
+    # a progress bar over images when stderr is a terminal (tqdm's disable=None), else quiet
+    with tqdm(total=sum(map(len, parts)), desc="writing site folders", unit="img",
+              disable=None) as progress:
+        for k, part in enumerate(parts):
+            folder = out_root / f"site_{k}"
+            folders.append(folder)
+            if folder.exists():
+                if not _folder_matches(folder, part):
+                    raise DataError(
+                        f"{folder} exists with other data; remove it or pick another out_root"
+                    )
+                logger.info("Site folder %s already written, kept", folder)
+                progress.update(len(part))
+                continue
+            tmp = out_root / f".site_{k}.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "images").mkdir(parents=True)
+            for r in part:
+                _link_or_copy(r.path, tmp / "images" / r.path.name)
+                progress.update()
+            with (tmp / METADATA_FILE).open("w", newline="", encoding="utf-8") as f:
+                writer = csv.DictWriter(f, fieldnames=fieldnames)
+                writer.writeheader()
+                writer.writerows(rows[r.image_id] for r in part)
+            os.rename(tmp, folder)  # the folder appears complete or not at all
+            logger.info("Wrote %s: %d images", folder, len(part))
     return folders
 
 

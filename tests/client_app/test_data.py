@@ -7,8 +7,10 @@ Hermetic tests build tiny images in tmp_path; tests on the real set read
 from __future__ import annotations
 
 import csv
+import io
 import os
 import random
+import sys
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -25,6 +27,7 @@ from client_app.data import (
     Record,
     balanced_sampler,
     class_weights,
+    decode_images,
     make_loader,
     read_ham10000,
     read_image_folder,
@@ -477,3 +480,29 @@ def test_os_link_fallback_copies(tmp_path, ham, monkeypatch) -> None:
     monkeypatch.setattr(os, "link", no_link)
     folders = export_site_folders(ham, tmp_path / "copies", num_partitions=2, min_partition_size=1)
     assert sum(len(read_ham10000(f)) for f in folders) == len(read_ham10000(ham))
+
+
+# --- progress bars ------------------------------------------------------------------------
+
+
+class _Terminal(io.StringIO):
+    """A stderr that says it is a terminal, as a person's shell would."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_decoding_and_export_show_progress_only_on_a_terminal(tmp_path, ham, monkeypatch,
+                                                              terminal) -> None:
+    stderr = _Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    records = read_ham10000(ham)
+    decode_images(records, 16)
+    export_site_folders(ham, tmp_path / "sites", num_partitions=2, min_partition_size=5)
+    shown = stderr.getvalue()
+    if terminal:
+        assert f"decoding images at 16 px:   0%|          | 0/{len(records)}" in shown
+        assert "writing site folders: 100%" in shown
+    else:
+        assert shown == ""

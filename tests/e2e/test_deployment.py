@@ -1,9 +1,14 @@
-"""A real loopback deployment: SuperLink + 3 SuperNodes, TLS and SuperNode authentication."""
+"""A real loopback deployment: SuperLink + 3 SuperNodes, TLS and SuperNode authentication.
+
+Every hospital's key is made by ``fedlsc_tools.certs.make_key_pair`` in that hospital's own
+folder (what ``fedlsc keys`` does at a hospital); the coordinator registers its ``.pub``.
+"""
 
 from __future__ import annotations
 
 import json
 import re
+import stat
 import time
 from pathlib import Path
 
@@ -102,3 +107,26 @@ def test_unregistered_supernode_is_refused(deployment):
         "superlink", 2000)
     names = [n.get("name", "") for n in deployment["nodes"].get("nodes", [])]
     assert "intruder" not in names
+
+
+def test_a_key_made_at_the_hospital_registers_and_authenticates(tmp_path):
+    """``fedlsc keys``' key pair: only its .pub is registered, and the SuperNode that holds
+    the private key is let in (status online); the coordinator's folder holds no
+    hospital key."""
+    site = Hospital("hospital-9", tmp_path / "unused-data", tmp_path / "out")
+    with LoopbackFederation(tmp_path / "work", [site], tls=True, auth=True) as federation:
+        key = federation.key_folder("hospital-9") / "hospital-9"
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+        deadline, nodes = time.monotonic() + 90, []
+        while time.monotonic() < deadline:
+            listed = federation.flwr("supernode", "ls", federation.federation, "--format",
+                                     "json")
+            nodes = json.loads(listed.stdout).get("nodes", []) if listed.returncode == 0 else []
+            if any(n["status"] == "online" for n in nodes):
+                break
+            time.sleep(2)
+        assert [n["status"] for n in nodes] == ["online"], nodes
+        assert federation.processes["hospital-9"].poll() is None
+        certs = tmp_path / "work" / "certs"
+        private = sorted(p.name for p in certs.iterdir() if b"PRIVATE KEY" in p.read_bytes())
+        assert private == ["ca.key", "server.key"]

@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fedlsc_common.settings import Settings
@@ -19,14 +20,24 @@ _spec.loader.exec_module(pt)
 
 @pytest.mark.parametrize("df, expected", [(1, 12.7062), (2, 4.3027), (4, 2.7764),
                                           (10, 2.2281), (30, 2.0423)])
-def test_t_quantile_matches_tables(df, expected):
-    assert pt.t_quantile(0.975, df) == pytest.approx(expected, abs=2e-3)
-    assert pt.t_quantile(0.025, df) == pytest.approx(-expected, abs=2e-3)
+def test_paired_ci_half_width_is_the_tabled_t_quantile(df, expected):
+    # n = df + 1 differences with sample sd exactly 1: half width = t(0.975, df) / sqrt(n)
+    n = df + 1
+    diffs = np.random.default_rng(df).normal(size=n)
+    diffs = (diffs - diffs.mean()) / diffs.std(ddof=1) + 0.3
+    ci = pt.paired_ci(diffs, np.zeros(n))
+    assert ci["mean"] == pytest.approx(0.3)
+    assert (ci["high"] - ci["mean"]) * math.sqrt(n) == pytest.approx(expected, abs=2e-3)
+    assert (ci["mean"] - ci["low"]) * math.sqrt(n) == pytest.approx(expected, abs=2e-3)
 
 
-def test_t_cdf_closed_form_for_two_degrees_of_freedom():
-    for x in (-3.0, -0.5, 0.0, 1.2, 3.4641):
-        assert pt.t_cdf(x, 2) == pytest.approx(0.5 + x / (2 * math.sqrt(2 + x * x)), abs=1e-6)
+def test_paired_p_value_closed_form_for_two_degrees_of_freedom():
+    # 3 pairs (2 df): two-sided p = 1 − |t| / sqrt(2 + t²) for the paired t statistic
+    for diffs in ([0.1, 0.5, 0.3], [-1.0, 0.2, -0.4], [2.0, 2.5, 1.0]):
+        d = np.asarray(diffs)
+        t = d.mean() / (d.std(ddof=1) / math.sqrt(3))
+        assert pt.paired_ci(d, np.zeros(3))["p"] == pytest.approx(
+            1 - abs(t) / math.sqrt(2 + t * t), abs=1e-9)
 
 
 def test_paired_ci_by_hand():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,8 +86,6 @@ def test_table_gives_mean_and_std_over_seeds(tmp_path):
 
 
 def test_partitions_plot_of_the_real_sites(tmp_path, capsys):
-    from pathlib import Path
-
     data = Path(__file__).resolve().parents[3] / "shared" / "data" / "ham10000"
     if not data.is_dir():
         pytest.skip("real HAM10000 data not found")
@@ -99,3 +98,135 @@ def test_partitions_plot_of_the_real_sites(tmp_path, capsys):
     totals = {line.split()[0]: int(line.split()[-1]) for line in printed.splitlines()[1:5]}
     assert totals == {"rosendahl": 2259, "vidir_modern": 3363, "vidir_molemax": 3954,
                       "vienna_dias": 439}
+
+
+# --------------------------------------------------------------------------- run
+def _settings_of(overrides):
+    """The Settings a run gets: conf's run config (pyproject's) with these overrides."""
+    from flwr.common.config import parse_config_args
+
+    from fedlsc_common.settings import Settings, compose, to_run_config
+
+    run_config = to_run_config(compose())
+    run_config.update(parse_config_args([" ".join(overrides)]))
+    return Settings.from_run_config(run_config)
+
+
+def test_run_sizes_the_federation_from_the_site_partition():
+    from fedlsc_tools.cli import federation_run_config, flwr_run_command
+
+    count, overrides = federation_run_config(["partition.name='site'"], None)
+    assert count == 4
+    settings = _settings_of(overrides)
+    assert settings.partition.name == "site" and settings.partition.num_partitions == 4
+    assert settings.min_available_nodes == settings.min_train_nodes == 4
+    command = flwr_run_command(Path("/app"), overrides, num_supernodes=count)
+    assert "num-supernodes=4 client-resources-num-cpus=1" in command
+
+
+def test_run_keeps_what_the_user_gave():
+    from fedlsc_tools.cli import federation_run_config
+
+    count, overrides = federation_run_config(
+        ["min-train-nodes=2 strategy.name='fedavg'", "num-server-rounds=7"], 5)
+    settings = _settings_of(overrides)
+    assert count == 5 and settings.partition.num_partitions == 5
+    assert (settings.min_available_nodes, settings.min_train_nodes) == (5, 2)
+    assert settings.strategy.name == "fedavg" and settings.num_server_rounds == 7
+    one, overrides = federation_run_config([], 1)  # one site: at most one usable reply
+    assert one == 1 and _settings_of(overrides).min_train_replies == 1
+    default, overrides = federation_run_config([], None)  # conf's Dirichlet split: 3 sites
+    assert default == 3 and _settings_of(overrides).min_available_nodes == 3
+
+
+def test_run_reads_a_toml_run_config(tmp_path):
+    from fedlsc_tools.cli import federation_run_config
+
+    toml = tmp_path / "mine.toml"
+    toml.write_text("[partition]\nname = 'site'\n[strategy]\ntemperature = 0.5\n")
+    count, overrides = federation_run_config([str(toml)], None)
+    settings = _settings_of(overrides)
+    assert count == 4 and settings.strategy.temperature == 0.5
+
+
+def test_run_refuses_a_federation_that_cannot_work(capsys):
+    from fedlsc_tools.cli import federation_run_config
+
+    with pytest.raises(ValueError, match="'site' has 4 sites"):
+        federation_run_config(["partition.name='site'"], 3)
+    with pytest.raises(ValueError, match="partition.name' = 'nope': must be one of"):
+        federation_run_config(["partition.name='nope'"], None)
+    assert main(["run", "--run-config", "partition.name='site'", "--num-supernodes", "3"]) == 2
+    assert "fedlsc run: error: --num-supernodes 3" in capsys.readouterr().err
+
+
+def test_cmd_run_passes_the_derived_federation_to_flwr(tmp_path, monkeypatch, capsys):
+    import fedlsc_tools.cli as cli
+
+    called = {}
+
+    def fake_simulate(project, overrides, *, num_supernodes):
+        called.update(project=project, overrides=overrides, num_supernodes=num_supernodes)
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "summary.json").write_text(json.dumps({
+            "rounds": 1, "final": {"global": {"balanced-accuracy": 0.5, "accuracy": 0.6},
+                                   "personalized": {"balanced-accuracy": 0.4}}}))
+        return 0
+
+    monkeypatch.setattr(cli, "simulate", fake_simulate)
+    assert main(["run", "--results-dir", str(tmp_path / "out"), "--project", str(tmp_path),
+                 "--run-config", "partition.name='site' results-dir='/elsewhere'"]) == 0
+    assert called["num_supernodes"] == 4
+    settings = _settings_of(called["overrides"])
+    assert settings.results_dir == str(tmp_path / "out")  # --results-dir wins
+    assert settings.min_available_nodes == 4
+    assert "balanced accuracy of the global model: 0.5000" in capsys.readouterr().out
+
+
+# -------------------------------------------------------------------------- help
+@pytest.mark.parametrize("command", ["run", "predict", "partitions", "table", "keys", "certs"])
+def test_every_command_explains_itself(command, capsys):
+    from fedlsc_tools.cli import build_parser
+
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    assert "examples:" in text and f"fedlsc {command}" in text.split("examples:")[1]
+    assert "``" not in text
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
+    for action in sub._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help, f"{command} {action.option_strings} has no help"
+            if not action.required and action.default not in (None, [], ""):
+                assert f"(default: {action.default}" in " ".join(text.split()), action.dest
+
+
+def test_top_level_help_lists_commands_without_markup(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "``" not in text and "examples:" in text
+    for command in ("run", "predict", "partitions", "table", "keys", "certs"):
+        assert f"    {command}" in text
+
+
+def test_predict_progress_bar_only_on_a_terminal(tmp_path, model_file, monkeypatch):
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((20, 20, 3), 40 * i, np.uint8)).save(images / f"x{i}.jpg")
+    for stderr, shown in ((Terminal(), True), (io.StringIO(), False)):
+        monkeypatch.setattr(sys, "stderr", stderr)
+        assert main(["predict", "--model", str(model_file), "--images", str(images),
+                     "--out", str(tmp_path / "p.csv"), "--batch-size", "2"]) == 0
+        assert ("fedlsc predict: 100%" in stderr.getvalue() and "3/3" in stderr.getvalue()) \
+            == shown
+        assert shown or stderr.getvalue() == ""
