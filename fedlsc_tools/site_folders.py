@@ -164,10 +164,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="the whole HAM10000 folder (default: as for a run)")
     export.add_argument("overrides", nargs="*",
                         help="Hydra overrides, e.g. partition=site or seed=1")
-    args = parser.parse_args(argv)
-    if not logger.handlers:  # Flower, once imported, has its own console handler
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = compose(args.overrides)
+    # parse_known_args: overrides may also follow the options (argparse would refuse them)
+    args, extra = parser.parse_known_args(argv)
+    if unknown := [a for a in extra if a.startswith("-")]:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    cfg = compose([*args.overrides, *extra])
     part = cfg["partition"]
     if part["name"] == "folder":
         parser.error("partition=folder reads existing site folders; export from dirichlet "
