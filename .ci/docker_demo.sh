@@ -4,8 +4,8 @@
 # missing, starts dockerd if none is running, and stops what it started, by PID, at the
 # end. Fails if the images cannot be built, if the compose files are invalid, or if a
 # demo run does not reach finished:completed with every check passed, or if it overruns
-# its time budget (FEDLSC_CI_DOCKER_BUDGET seconds for all of it, default 3600: on a
-# quiet 2-core machine it needs about 20 minutes, on a heavily shared one up to 50).
+# its time budget (FEDLSC_CI_DOCKER_BUDGET seconds for all of it, default 3600). Measured
+# on the heavily shared 2-core machine, images built cold: 2687 s (README, "Docker").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 budget="${FEDLSC_CI_DOCKER_BUDGET:-3600}"

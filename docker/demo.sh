@@ -167,8 +167,8 @@ submit_and_wait() {  # submit_and_wait EXTRA-RUN-CONFIG: sets run_id; fails unle
     status="$("$FLWR" ls "$federation" --run-id "$run_id" --format json 2>/dev/null \
       | "$PYTHON" -c 'import json, sys; print(json.load(sys.stdin)["runs"][0]["status"])' 2>/dev/null || echo unknown)"
     case "$status" in finished*) break ;; esac
-    if [ $((SECONDS - last)) -ge 30 ]; then echo "  run $run_id: $status after $((SECONDS - began)) s"; last=$SECONDS; fi
-    sleep 3
+    if [ $((SECONDS - last)) -ge 60 ]; then echo "  run $run_id: $status after $((SECONDS - began)) s"; last=$SECONDS; fi
+    sleep 10  # each `flwr ls` costs a second of CPU: poll gently
   done
   mkdir -p "$out"
   "$FLWR" log "$run_id" "$federation" --show >"$out/serverapp-run-$run_id.log" 2>&1 || true
