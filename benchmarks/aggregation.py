@@ -1,9 +1,14 @@
 """Time FedLSC.aggregate_train against Flower's FedAvg.aggregate_train on the same replies.
 
+FedLSC's site-agreement report is part of its ``aggregate_train``; the last column times
+the report alone (``FedLSC._site_agreement`` on the round's per-layer similarities), so
+its share of the aggregation is measured in the same process.
+
 Both strategies receive identical mocked replies (Flower ``Message`` objects holding
 ``ArrayRecord`` s) for a model's state_dict shapes; each (strategy, N) is timed
-``--repeats`` times, interleaved, and the median is kept. The ratio column is
-FedLSC / FedAvg measured in the same run, so it survives a noisy machine.
+``--repeats`` times, interleaved, and the spread is printed: min / median / max seconds
+of each, and FedLSC / FedAvg for each of the three, measured in the same run, so the
+ratios survive a noisy machine. "worst" is FedLSC's slowest call over FedAvg's fastest.
 
     python benchmarks/aggregation.py --model res2net50_sa --clients 3 10 30
     python benchmarks/aggregation.py --model small --clients 3 10 30 100
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import logging
 import statistics
 import time
 from functools import partial
@@ -92,12 +98,17 @@ def time_call(fn) -> float:
     return time.perf_counter() - start
 
 
+def _spread(times: list[float]) -> str:
+    return f"{min(times):.3f}/{statistics.median(times):.3f}/{max(times):.3f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="res2net50_sa")
     parser.add_argument("--clients", type=int, nargs="+", default=[3, 10, 30])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    logging.getLogger("flwr").setLevel(logging.WARNING)  # the strategies log every call
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
 
     rng = np.random.default_rng(0)
@@ -106,8 +117,9 @@ def main() -> None:
     params = sum(v.size for v in global_state.values())
     print(f"model={args.model} tensors={len(global_state)} elements={params:,} "
           f"({params * 4 / 2**20:.1f} MiB float32)")
-    print(f"{'N':>4} {'FedAvg s':>10} {'FedLSC s':>10} {'ratio':>7} {'FedLSC s/client':>16} "
-          f"{'+norm filter s':>15} {'ratio':>7}")
+    print(f"{'N':>4} {'FedAvg s min/med/max':>22} {'FedLSC s min/med/max':>22} "
+          f"{'ratio min/med/max':>18} {'worst':>6} {'+norm filter s med':>19} {'ratio':>6} "
+          f"{'report ms':>10} {'share':>7}")
     global_record = ArrayRecord({k: Array(v) for k, v in global_state.items()})
     rows = []
     for n in args.clients:
@@ -122,9 +134,14 @@ def main() -> None:
             lsc_t.append(time_call(partial(fedlsc.aggregate_train, 1, replies)))
             filt_t.append(time_call(partial(filtered.aggregate_train, 1, replies)))
         a, b, c = (statistics.median(t) for t in (avg_t, lsc_t, filt_t))
+        report = fedlsc.last_report
+        r = statistics.median(time_call(partial(
+            fedlsc._site_agreement, 1, report.node_ids, report.layers)) for _ in range(20))
         rows.append((n, a, b))
-        print(f"{n:>4} {a:>10.3f} {b:>10.3f} {b / a:>7.2f} {b / n:>16.4f} {c:>15.3f} "
-              f"{c / a:>7.2f}", flush=True)
+        ratios = (min(lsc_t) / min(avg_t), b / a, max(lsc_t) / max(avg_t))
+        print(f"{n:>4} {_spread(avg_t):>22} {_spread(lsc_t):>22} "
+              f"{'/'.join(f'{x:.2f}' for x in ratios):>18} {max(lsc_t) / min(avg_t):>6.2f} "
+              f"{c:>19.3f} {c / a:>6.2f} {1000 * r:>10.3f} {r / b:>7.2%}", flush=True)
         del replies
     if len(rows) > 1:
         (n0, _, t0), (n1, _, t1) = rows[0], rows[-1]

@@ -142,7 +142,7 @@ def profile_call(context: Context, msg: Message, top: int = 14) -> None:
     profiler = cProfile.Profile()
     profiler.runcall(client_app.train, msg, context)
     stats = pstats.Stats(profiler).sort_stats("cumulative")
-    print("\none ClientApp call under cProfile, fedlsc_flwr and client_app functions by cumulative time:")
+    print("\none ClientApp call under cProfile, project functions by cumulative time:")
     stats.print_stats(r"fedlsc_flwr|client_app|serialization|torch/serialization", top)
 
 

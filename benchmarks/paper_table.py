@@ -44,11 +44,14 @@ PAIRS = (("fedlsc", "fedavg"), ("fedlsc-fp16", "fedlsc"))
 SPLITS = ("dirichlet", "site")
 PRESETS: dict[str, list[str]] = {
     # What the CPU preset cuts from the paper: 32 px instead of 224, ResNet-10t-SA instead of
-    # Res2Net50-SA (conf default model=small), 10 batches (320 images) per local epoch instead
+    # Res2Net50-SA (model=small, untrained), 10 batches (320 images) per local epoch instead
     # of the whole local set, 4 rounds instead of 50, Adam lr 1e-3 and class-weighted loss
-    # (conf training=quick). Measured: ~6 min for one 5-round, 20-batch run on a loaded
-    # 2-core machine, most of it fixed start-up and evaluation cost.
-    "cpu": ["dataset.image_size=32", "training.max_batches_per_epoch=10",
+    # (pinned here: the tables in benchmarks/reports were made with them). Measured: ~6 min
+    # for one 5-round, 20-batch run on a loaded 2-core machine, most of it fixed start-up
+    # and evaluation cost.
+    "cpu": ["model=small", "dataset.image_size=32", "training.max_batches_per_epoch=10",
+            "training.lr=0.001", "training.class_weighted_loss=true",
+            "training.balanced_sampling=false",
             "num_server_rounds=4", "target_accuracies='0.6,0.65,0.7'"],
     "paper": ["+experiment=paper"],
 }
@@ -123,6 +126,15 @@ def overrides_for(preset: str, split: str, method: str, seed: int,
     return [*PRESETS[preset], *SPLIT_OVERRIDES[split], *strategy, f"seed={seed}", *extra]
 
 
+def global_scored(summary: Mapping[str, Any]) -> bool:
+    """False for a method whose global model holds layers no round trained (FedAvg-FC's
+    head, local-only): its global columns are not applicable."""
+    return bool(summary.get("global_model", {}).get("scored", True))
+
+
+NOT_APPLICABLE = "n/a"
+
+
 def usable(results: Path) -> bool:
     """A run counts when its summary holds global held-out metrics and no site failed a
     round: a run whose sites failed still writes a summary, which must not be tabled."""
@@ -130,7 +142,9 @@ def usable(results: Path) -> bool:
     if not path.is_file():
         return False
     try:
-        if "accuracy" not in json.loads(path.read_text())["final"]["global"]:
+        summary = json.loads(path.read_text())
+        scored_group = "global" if global_scored(summary) else "personalized"
+        if "accuracy" not in summary["final"][scored_group]:
             return False
         rows = [json.loads(line) for line in
                 (results / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -141,7 +155,7 @@ def usable(results: Path) -> bool:
 
 
 def run_all(out: Path, runs: Sequence[tuple[str, str, int]], preset: str,
-            extra: Sequence[str]) -> None:
+            extra: Sequence[str], transport: str = "flwr") -> None:
     from fedlsc_common.settings import compose
     from fedlsc_tools.experiment import run_job
 
@@ -157,7 +171,7 @@ def run_all(out: Path, runs: Sequence[tuple[str, str, int]], preset: str,
         job.mkdir(parents=True, exist_ok=True)
         overrides = overrides_for(preset, split, method, seed, extra)
         start = time.monotonic()
-        code = run_job(compose(overrides), job)
+        code = run_job(compose(overrides), job, transport=transport)
         seconds = time.monotonic() - start
         ok = code == 0 and usable(job / "results")
         status = "ok" if ok else f"FAILED (exit {code}, no held-out metrics; see " \
@@ -221,7 +235,10 @@ def accuracy_table(found: Mapping[tuple[str, str], dict[int, dict]], split: str)
         runs = found[(split, method)]
         final = [r["summary"]["final"] for r in runs.values()]
         cells = [method, ",".join(map(str, sorted(runs)))]
-        cells += [mean_std(f["global"].get(m) for f in final) for m in GLOBAL_METRICS]
+        if all(global_scored(r["summary"]) for r in runs.values()):
+            cells += [mean_std(f["global"].get(m) for f in final) for m in GLOBAL_METRICS]
+        else:
+            cells += [NOT_APPLICABLE] * len(GLOBAL_METRICS)
         cells += [mean_std(f["personalized"].get(m) for f in final) for m in SITE_METRICS]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -237,7 +254,9 @@ def paired_lines(found: Mapping[tuple[str, str], dict[int, dict]], split: str,
         return [f"(no paired comparison: {len(seeds)} seed(s) with both {a} and {b})"]
     lines = [f"| {a} − {b} (points, seeds {','.join(map(str, seeds))}) | mean | 95 % CI | p |",
              "|---|---|---|---|"]
-    for group, metrics in (("global", GLOBAL_METRICS), ("personalized", SITE_METRICS)):
+    scored = all(global_scored(found[(split, m)][s]["summary"]) for m in (a, b) for s in seeds)
+    groups = (("global", GLOBAL_METRICS),) if scored else ()
+    for group, metrics in (*groups, ("personalized", SITE_METRICS)):
         for metric in metrics:
             va = [found[(split, a)][s]["summary"]["final"][group].get(metric) for s in seeds]
             vb = [found[(split, b)][s]["summary"]["final"][group].get(metric) for s in seeds]
@@ -257,8 +276,11 @@ def rounds_table(found: Mapping[tuple[str, str], dict[int, dict]], split: str) -
     for method in _ordered(found, split):
         runs = list(found[(split, method)].values())
         cells = [method]
-        cells += [rounds_cell([r["summary"]["rounds_to_reach_accuracy"].get(t) for r in runs])
-                  for t in targets]
+        if all(global_scored(r["summary"]) for r in runs):
+            cells += [rounds_cell([r["summary"]["rounds_to_reach_accuracy"].get(t)
+                                   for r in runs]) for t in targets]
+        else:
+            cells += [NOT_APPLICABLE] * len(targets)
         cells.append(str(max(r["summary"]["rounds"] for r in runs)))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -337,6 +359,8 @@ def plot_split(found: Mapping[tuple[str, str], dict[int, dict]], split: str,
     for ax, (group, metric) in zip(axes, panels):
         for j, method in enumerate(methods):
             runs = list(found[(split, method)].values())
+            if group == "global" and not all(global_scored(r["summary"]) for r in runs):
+                continue  # its global model is no classifier (layers never trained)
             length = min(len(r["rows"]) for r in runs)
             rounds = [r["round"] for r in runs[0]["rows"][:length]]
             values = np.array([[row[group].get(metric, np.nan) for row in r["rows"][:length]]
@@ -412,6 +436,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="only rebuild table.md and the plots from the result files")
     parser.add_argument("--paper-bytes", action="store_true",
                         help="add the computed bytes per round of the paper's model")
+    parser.add_argument("--transport", choices=("flwr", "inprocess"), default="flwr",
+                        help="flwr: `flwr run` simulations; inprocess: the same ServerApp and "
+                             "ClientApp code in one process per run (no Ray, no SuperLink: "
+                             "faster on a small machine)")
     parser.add_argument("--flwr-home", type=Path, default=None,
                         help="FLWR_HOME for this sweep (default OUT/flwr-home)")
     args = parser.parse_args(argv)
@@ -426,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = plan(args.methods, args.splits, args.seeds)
         print(f"{len(runs)} runs, preset {args.preset}, out {out}, FLWR_HOME {home}", flush=True)
         try:
-            run_all(out, runs, args.preset, args.set)
+            run_all(out, runs, args.preset, args.set, args.transport)
         finally:
             stop_local_superlink(home)
     note = "\n".join(paper_bytes_lines()) if args.paper_bytes else ""

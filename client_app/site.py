@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from client_app.attack import attack_training_records
 from client_app.data import class_weights, make_loader
 from client_app.partition import load_site_split
 from client_app.training import TrainStats, lr_for_round, resolve_device, train_local
@@ -34,6 +36,9 @@ from fedlsc_flwr.wire import is_personalized, layer_of
 
 logger = logging.getLogger("flwr")
 
+#: Torch threads of a site's ClientApp processes, when its node config has no
+#: ``num-threads`` (0 or unset: torch's default, one per core).
+NUM_THREADS_ENV = "FEDLSC_NUM_THREADS"
 LOCAL_STATE_FILE = "local_state.pt"
 PERSONALIZED_LIST_FILE = "personalized_layers.json"
 PERSONAL_MODEL_FILE = "personalized_model.pt"
@@ -46,6 +51,34 @@ def site_name(node_config: Mapping[str, Any]) -> str:
     """The site's name: ``site-name`` from the node config, else ``site-<partition-id>``."""
     pid = int(node_config.get("partition-id", 0))
     return str(node_config.get("site-name", "") or f"site-{pid}")
+
+
+def thread_setting(node_config: Mapping[str, Any]) -> int:
+    """Torch threads for this SuperNode's ClientApps: node config ``num-threads``, else
+    $FEDLSC_NUM_THREADS, else 0 (torch's default: one per core). Several SuperNodes on
+    one host set it to cores / SuperNodes, or they oversubscribe the cores."""
+    if "num-threads" in node_config:
+        raw, where = node_config["num-threads"], "node config 'num-threads'"
+    else:
+        raw, where = os.environ.get(NUM_THREADS_ENV, "0"), f"${NUM_THREADS_ENV}"
+    try:
+        threads = int(str(raw).strip() or 0)
+    except ValueError:
+        threads = -1
+    if threads < 0 or isinstance(raw, bool | float):
+        raise ValueError(f"{where} = {raw!r}: must be a whole number of threads >= 0 "
+                         "(0 = torch's default)")
+    return threads
+
+
+def apply_thread_setting(node_config: Mapping[str, Any]) -> int:
+    """Set torch's intra-op threads from :func:`thread_setting`; returns the count in use."""
+    threads = thread_setting(node_config)
+    if threads and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+        logger.info("%s: torch uses %d thread(s) (num-threads)", site_name(node_config),
+                    threads)
+    return torch.get_num_threads()
 
 
 @dataclass(frozen=True)
@@ -99,6 +132,26 @@ class Site:
         identity = SiteIdentity.from_node_config(dict(node_config), settings, run_id)
         return cls(settings, identity, resolve_device(settings.device))
 
+    # ------------------------------------------------------------------ simulated bad site
+    def attack_kind(self) -> str:
+        """What this site does wrong in this run ("none" for an honest site): the
+        ``attack.*`` settings name it by partition id, and only simulated partitions
+        apply them (a site reading its own data folder never does)."""
+        a, ident = self.settings.attack, self.identity
+        if a.active and ident.partition != "folder" and ident.partition_id == a.site:
+            return a.kind
+        return "none"
+
+    def _training_records(self, records: list) -> list:
+        kind = self.attack_kind()
+        if kind in ("label-noise", "label-permutation"):
+            logger.warning("%s: SIMULATED BAD SITE: %s", self.identity.name,
+                           self.settings.attack.describe())
+            return attack_training_records(
+                records, kind, fraction=self.settings.attack.fraction,
+                num_classes=self.settings.model.num_classes, seed=self.settings.seed)
+        return records
+
     # ------------------------------------------------------------------ data
     def loader(self, split: str) -> Any:
         """The "train" or "test" (held-out) loader of this site, built on first use and
@@ -107,7 +160,9 @@ class Site:
         key = (str(ident.data_dir), ident.partition, ident.partition_id, ident.num_partitions,
                s.partition.beta, s.seed, s.dataset.test_fraction, s.partition.min_partition_size,
                s.dataset.image_size, s.training.batch_size, s.dataset.on_error)
-        if (key, split) not in _LOADERS:
+        kind = self.attack_kind()  # a simulated bad site may train on wrong labels
+        wrong = (kind, s.attack.fraction) if kind.startswith("label-") else ("none", 0.0)
+        if (key, split, wrong) not in _LOADERS:
             if key not in _SPLITS:
                 _SPLITS[key] = load_site_split(
                     ident.data_dir, partition=ident.partition, partition_id=ident.partition_id,
@@ -116,22 +171,42 @@ class Site:
                     min_partition_size=s.partition.min_partition_size,
                     on_error=s.dataset.on_error)
             records = _SPLITS[key][0 if split == "train" else 1]
-            _LOADERS[(key, split)] = make_loader(
+            if split == "train":
+                records = self._training_records(records)
+            _LOADERS[(key, split, wrong)] = make_loader(
                 records, s.dataset.image_size, train=split == "train",
                 balanced=split == "train" and s.training.balanced_sampling,
                 batch_size=s.training.batch_size, num_workers=s.training.num_workers,
                 cache=image_cache_dir() if s.dataset.cache else False, seed=s.seed,
                 on_error=s.dataset.on_error)
-        return _LOADERS[(key, split)]
+        return _LOADERS[(key, split, wrong)]
 
     # ------------------------------------------------------------------ model
     def new_model(self) -> nn.Module:
-        """The run's initial model, as the server builds it (same seed, same weights)."""
+        """The run's initial model, as the server builds it (same seed, same pretrained
+        weights)."""
         torch.manual_seed(self.settings.seed)
         model = build_model(self.settings.model.backbone,
                             num_classes=self.settings.model.num_classes,
                             pretrained=self.settings.model.pretrained_source)
         return prepare_for_device(model, self.device)
+
+    def _skeleton(self) -> nn.Module:
+        """The model's structure on the meta device: no memory, no initialisation."""
+        with torch.device("meta"):
+            return build_model(self.settings.model.backbone,
+                               num_classes=self.settings.model.num_classes)
+
+    def _fill(self, skeleton: nn.Module, values: dict[str, torch.Tensor]) -> nn.Module:
+        """``skeleton`` given ``values`` for every tensor of its state_dict (in its
+        dtypes): no weight is initialised, or loaded pretrained, only to be overwritten
+        (building the small model costs 0.4 s on a busy 2-core CPU, the skeleton 0.1 s)."""
+        dtypes = {k: v.dtype for k, v in skeleton.state_dict().items()}
+        skeleton.load_state_dict({k: v.to(dtypes[k]) for k, v in values.items()},
+                                 strict=True, assign=True)
+        if any(t.is_meta for t in (*skeleton.parameters(), *skeleton.buffers())):
+            raise RuntimeError("a tensor outside the state_dict stayed on the meta device")
+        return prepare_for_device(skeleton, self.device)
 
     def assemble(self, received: dict[str, torch.Tensor], personalized: set[str],
                  local: dict[str, torch.Tensor] | None, server_round: int = 1) -> nn.Module:
@@ -142,33 +217,32 @@ class Site:
         personalized layers from the initial model, which it builds itself from the same
         seed as the server; local weights that lack a personalized key are an error.
         """
-        model = self.new_model()
-        state = model.state_dict()
+        skeleton = self._skeleton()
+        state = skeleton.state_dict()
         name = self.identity.name
         unknown = sorted(set(received) - set(state))
         if unknown:
             raise ValueError(f"{name}: the server sent keys this model lacks "
                              f"({unknown[:5]}); do server and site use the same backbone?")
         own_keys = [k for k in state if k not in received]
-        if own_keys:
-            if local is None:
-                fresh = sorted({layer_of(k) for k in own_keys if is_personalized(k, personalized)})
-                if fresh:
-                    logger.log(logging.WARNING if server_round > 1 else logging.INFO,
-                               "%s round %s: no local weights in %s yet: personalized layers "
-                               "%s start from the initial model%s", name, server_round,
-                               self.local_state_path, fresh[:5], "" if server_round <= 1 else
-                               " (a site new to this run, or its output folder was lost)")
-            else:
-                missing = [k for k in own_keys if k not in local]
-                if any(is_personalized(k, personalized) for k in missing):
-                    raise RuntimeError(
-                        f"{name}: personalized weights for {missing[:5]} are not in its "
-                        f"local weights ({self.local_state_path}); was it trained with "
-                        "another backbone?")
-                received = {**received, **{k: local[k] for k in own_keys if k in local}}
-        model.load_state_dict(received, strict=False)
-        return model
+        own = {k: local[k] for k in own_keys if k in local} if local is not None else {}
+        missing = [k for k in own_keys if k not in own]
+        if local is not None and any(is_personalized(k, personalized) for k in missing):
+            raise RuntimeError(
+                f"{name}: personalized weights for {missing[:5]} are not in its local "
+                f"weights ({self.local_state_path}); was it trained with another backbone?")
+        if missing:  # what neither the server nor the site has: initial values
+            initial = self.new_model().state_dict()
+            own.update({k: initial[k] for k in missing})
+        fresh = sorted({layer_of(k) for k in missing if is_personalized(k, personalized)})
+        if fresh:
+            logger.log(logging.WARNING if server_round > 1 else logging.INFO,
+                       "%s round %s: no local weights in %s yet: personalized layers %s start "
+                       "from the initial model%s", name, server_round, self.local_state_path,
+                       fresh[:5], "" if server_round <= 1 else
+                       " (a site new to this run, or its output folder was lost)")
+        received = {**received, **own}
+        return self._fill(skeleton, {k: received[k] for k in state})
 
     def train(self, model: nn.Module, shared_keys: set[str], server_round: int,
               proximal_mu: float) -> tuple[TrainStats, float, int]:
@@ -181,7 +255,8 @@ class Site:
         logger.info("%s round %s: training on %d images", self.identity.name, server_round,
                     num_train)
         anchor = {k: v.detach().clone() for k, v in model.named_parameters() if k in shared_keys}
-        lr = lr_for_round(t.lr, server_round, t.lr_step_rounds, t.lr_gamma)
+        by_round = t.lr_step_unit == "round"
+        lr = lr_for_round(t.lr, server_round, t.lr_step_size, t.lr_gamma) if by_round else t.lr
         # Same shuffling and augmentation for this site and round whichever process runs it.
         round_seed = self.settings.seed * 1000 + server_round
         torch.manual_seed(round_seed)
@@ -194,6 +269,7 @@ class Site:
             model, loader, epochs=t.local_epochs, lr=lr, device=self.device,
             proximal_mu=proximal_mu, anchor=anchor, class_weights=weights,
             max_batches=t.max_batches_per_epoch,
+            lr_step_epochs=0 if by_round else t.lr_step_size, lr_gamma=t.lr_gamma,
             label=f"{self.identity.name} round {server_round}")
         return stats, lr, num_train
 
@@ -226,8 +302,9 @@ class Site:
                     blob["round"], path)
         return blob["state_dict"]
 
-    def save_personalized_list(self, layers: list[str]) -> None:
-        atomic_write_json(self.identity.output_dir / PERSONALIZED_LIST_FILE, sorted(layers))
+    def save_personalized_list(self, keys: list[str]) -> None:
+        """The state_dict keys this site keeps (never sent), for its personalized model."""
+        atomic_write_json(self.identity.output_dir / PERSONALIZED_LIST_FILE, sorted(keys))
 
     def load_personalized_list(self) -> list[str]:
         path = self._own_file(PERSONALIZED_LIST_FILE)

@@ -33,8 +33,8 @@ def resolve_device(spec: str) -> torch.device:
 
 
 def lr_for_round(base_lr: float, server_round: int, step_rounds: int, gamma: float) -> float:
-    """The paper's StepLR kept across rounds: lr·γ^⌊(round−1)/step⌋ (from the round number,
-    so a restarted site picks up the same schedule)."""
+    """StepLR over server rounds (``training.lr-step-unit = 'round'``): lr·γ^⌊(round−1)/step⌋,
+    from the round number, so a restarted site picks up the same schedule."""
     return base_lr * gamma ** ((max(server_round, 1) - 1) // step_rounds)
 
 
@@ -45,6 +45,7 @@ class TrainStats:
     examples: int
     seconds: float
     proximal: float  # (μ/2)·||w − w_g||² at the end of training
+    started: float = 0.0  # wall clock (time.time()) when the first batch was asked for
 
     @property
     def images_per_second(self) -> float:
@@ -84,10 +85,16 @@ def train_local(
     anchor: Mapping[str, torch.Tensor] | None = None,
     class_weights: torch.Tensor | None = None,
     max_batches: int = 0,
+    lr_step_epochs: int = 0,
+    lr_gamma: float = 0.1,
     log_every_seconds: float = 30.0,
     label: str = "site",
 ) -> TrainStats:
-    """Adam on cross-entropy (+ the proximal term towards ``anchor`` = w_g, by name)."""
+    """Adam on cross-entropy (+ the proximal term towards ``anchor`` = w_g, by name).
+
+    ``lr_step_epochs`` > 0: StepLR of this round's local optimizer, lr·γ^⌊(epoch−1)/step⌋
+    (the paper's StepLR(10, 0.1) as we read it: see the README).
+    """
     model.train()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     criterion = nn.CrossEntropyLoss(
@@ -98,8 +105,12 @@ def train_local(
     prox_anchors = [anchor[n].to(device) for n in prox_names] if anchor else []
 
     total_loss, correct, seen, batches = 0.0, 0, 0, 0
+    started = time.time()
     start = last_log = time.perf_counter()
     for epoch in range(1, epochs + 1):
+        if lr_step_epochs:
+            for group in optimizer.param_groups:
+                group["lr"] = lr * lr_gamma ** ((epoch - 1) // lr_step_epochs)
         for step, (images, labels) in enumerate(loader, start=1):
             images = inputs_to_device(images, device)
             labels = labels.to(device, non_blocking=True)
@@ -129,7 +140,8 @@ def train_local(
     seconds = time.perf_counter() - start
     stats = TrainStats(
         loss=total_loss / max(seen, 1), accuracy=correct / max(seen, 1), examples=seen,
-        seconds=seconds, proximal=proximal_value(prox_params, prox_anchors, proximal_mu))
+        seconds=seconds, proximal=proximal_value(prox_params, prox_anchors, proximal_mu),
+        started=started)
     logger.info("%s: trained %d epoch(s), %d images in %.1f s (%.1f images/s), loss %.4f, "
                 "accuracy %.3f", label, epochs, seen, seconds, stats.images_per_second,
                 stats.loss, stats.accuracy)

@@ -82,6 +82,13 @@ class StrategySettings:
     granularity: str
     max_update_norm_ratio: float
     update_dtype: str
+    agreement_k: float
+    agreement_min_gap: float
+    agreement_rounds: int
+    disagreeing_weight: float
+    num_malicious_nodes: int
+    num_nodes_to_select: int
+    trim_beta: float
 
 
 @dataclass(frozen=True)
@@ -120,12 +127,38 @@ class TrainingSettings:
     local_epochs: int
     batch_size: int
     lr: float
-    lr_step_rounds: int
+    lr_step_size: int
+    lr_step_unit: str
     lr_gamma: float
     max_batches_per_epoch: int
     class_weighted_loss: bool
     balanced_sampling: bool
     num_workers: int
+
+
+#: What a simulated bad site can do (``attack.kind``); see conf/attack/none.yaml.
+ATTACK_KINDS = ("none", "label-noise", "label-permutation", "poison")
+
+
+@dataclass(frozen=True)
+class AttackSettings:
+    """A simulated bad site (experiments only): which one, and what it does wrong."""
+
+    kind: str
+    site: int
+    fraction: float
+    scale: float
+
+    @property
+    def active(self) -> bool:
+        return self.kind != "none"
+
+    def describe(self) -> str:
+        """One line for logs and summaries."""
+        what = {"none": "none", "label-noise": f"{self.fraction:g} of its training labels "
+                "shuffled", "label-permutation": "trains on a permuted label map",
+                "poison": f"replies w_g − {self.scale:g}·(w_i − w_g)"}[self.kind]
+        return "none" if not self.active else f"{self.kind} at partition {self.site}: {what}"
 
 
 @dataclass(frozen=True)
@@ -137,6 +170,7 @@ class Settings:
     partition: PartitionSettings
     model: ModelSettings
     training: TrainingSettings
+    attack: AttackSettings
     num_server_rounds: int
     seed: int
     results_dir: str
@@ -148,7 +182,9 @@ class Settings:
     min_train_replies: int
     round_timeout: int
     wait_for_sites_seconds: int
+    evaluate_every: int
     device: str
+    tensorboard: bool
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> Settings:
@@ -163,6 +199,11 @@ class Settings:
 
     def to_run_config(self) -> dict[str, Scalar]:
         return to_run_config(dataclasses.asdict(self))
+
+    def evaluates(self, true_round: int) -> bool:
+        """Do the sites evaluate after this round? Every ``evaluate-every``-th round and
+        the last one."""
+        return true_round % self.evaluate_every == 0 or true_round >= self.num_server_rounds
 
     @property
     def targets(self) -> list[float]:
@@ -183,7 +224,12 @@ class Settings:
                 min_train_nodes=self.min_train_nodes,
                 min_evaluate_nodes=self.min_train_nodes,
                 min_available_nodes=self.min_available_nodes,
-                min_train_replies=self.min_train_replies, **flower_kwargs)
+                min_train_replies=self.min_train_replies,
+                agreement_k=s.agreement_k, agreement_min_gap=s.agreement_min_gap,
+                agreement_rounds=s.agreement_rounds, disagreeing_weight=s.disagreeing_weight,
+                num_malicious_nodes=s.num_malicious_nodes,
+                num_nodes_to_select=s.num_nodes_to_select, trim_beta=s.trim_beta,
+                **flower_kwargs)
         except HyperParameterError as err:
             key = "strategy." + err.name.replace("_", "-")
             raise ConfigError(f"run config '{key}' = {err.value!r}: must be {err.requirement}"
@@ -207,15 +253,19 @@ class Settings:
             (self.training.local_epochs >= 1, "training.local-epochs", "at least 1"),
             (self.training.batch_size >= 1, "training.batch-size", "at least 1"),
             (self.training.lr > 0, "training.lr", "a number > 0"),
-            (self.training.lr_step_rounds >= 1, "training.lr-step-rounds", "at least 1"),
+            (self.training.lr_step_size >= 1, "training.lr-step-size", "at least 1"),
+            (self.training.lr_step_unit in ("local-epoch", "round"), "training.lr-step-unit",
+             "'local-epoch' or 'round'"),
             (self.min_train_nodes >= 1, "min-train-nodes", "at least 1"),
             (self.min_available_nodes >= self.min_train_nodes, "min-available-nodes",
              f"at least min-train-nodes ({self.min_train_nodes})"),
             (1 <= self.min_train_replies <= self.min_train_nodes, "min-train-replies",
              f"between 1 and min-train-nodes ({self.min_train_nodes})"),
             (self.round_timeout >= 1, "round-timeout", "at least 1 (seconds)"),
+            (self.evaluate_every >= 1, "evaluate-every", "at least 1 (rounds)"),
             (self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"), "device",
              "'auto', 'cpu', 'cuda' or 'cuda:N'"),
+            *self._attack_checks(),
         ]
         for ok, key, expected in checks:
             if not ok:
@@ -227,6 +277,17 @@ class Settings:
         except ValueError:
             raise ConfigError(f"run config 'target-accuracies' = {self.target_accuracies!r}: "
                               "must be comma-separated numbers, e.g. '0.7,0.8'") from None
+
+
+    def _attack_checks(self) -> list[tuple[bool, str, str]]:
+        a = self.attack
+        return [
+            (a.kind in ATTACK_KINDS, "attack.kind", "one of " + ", ".join(ATTACK_KINDS)),
+            (not a.active or 0 <= a.site < self.partition.num_partitions, "attack.site",
+             f"a partition id in [0, {self.partition.num_partitions - 1}]"),
+            (a.kind != "label-noise" or 0 < a.fraction <= 1, "attack.fraction", "in (0, 1]"),
+            (a.kind != "poison" or a.scale > 0, "attack.scale", "a number > 0"),
+        ]
 
 
 def project_root() -> Path | None:

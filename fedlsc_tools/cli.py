@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -158,15 +159,28 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"fedlsc: the run failed (exit code {code}); see the log above", file=sys.stderr)
         return code or 1
     summary = json.loads(summary_path.read_text())
-    final = summary["final"]
-    print(f"fedlsc: finished in {time.monotonic() - start:.0f} s, {summary['rounds']} rounds. "
-          f"Held-out (lesion-grouped) balanced accuracy of the global model: "
-          f"{final['global'].get('balanced-accuracy', float('nan')):.4f} "
-          f"(chance = {1 / 7:.4f}), accuracy {final['global'].get('accuracy', float('nan')):.4f}; "
-          f"personalized models: balanced accuracy "
-          f"{final['personalized'].get('balanced-accuracy', float('nan')):.4f}. "
-          f"Files: {results}")
+    print(finished_line(summary, time.monotonic() - start, results))
     return 0
+
+
+def finished_line(summary: dict, seconds: float, results: Path) -> str:
+    """The last line of ``fedlsc run``: held-out scores of the global and personalized
+    models; a global model that holds never-trained layers is said not to be scored."""
+    final = summary["final"]
+    nan = float("nan")
+    own = (f"personalized models: balanced accuracy "
+           f"{final['personalized'].get('balanced-accuracy', nan):.4f}, accuracy "
+           f"{final['personalized'].get('accuracy', nan):.4f}")
+    if summary.get("global_model", {}).get("scored", True):
+        shared = (f"Held-out (lesion-grouped) balanced accuracy of the global model: "
+                  f"{final['global'].get('balanced-accuracy', nan):.4f} (chance = {1 / 7:.4f}), "
+                  f"accuracy {final['global'].get('accuracy', nan):.4f}; ")
+    else:
+        shared = (f"Global model: not applicable ({len(summary['global_model']['never_trained'])}"
+                  f" layer(s) stay on the sites and were never trained in it); held-out "
+                  f"(lesion-grouped) scores of the ")
+    return (f"fedlsc: finished in {seconds:.0f} s, {summary['rounds']} rounds. {shared}{own}. "
+            f"Files: {results}")
 
 
 # -------------------------------------------------------------------------- predict
@@ -342,11 +356,17 @@ class HelpFormatter(argparse.HelpFormatter):
                 prose.append(line)
                 continue
             if prose:
-                out.append(super()._fill_text(" ".join(prose), width, indent))
+                out.append(textwrap.fill(" ".join(" ".join(prose).split()), width,
+                                         initial_indent=indent, subsequent_indent=indent,
+                                         break_on_hyphens=False))
                 prose = []
             if line is not None:
                 out.append(indent + line if line.strip() else "")
         return "\n".join(out)
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        # never break "min-train-nodes" or "fedlsc-experiment" at a hyphen
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""

@@ -12,6 +12,7 @@ runs, and the table holds the ones that finished).
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,16 +30,27 @@ from fedlsc_common.settings import (
     to_run_config,
 )
 from fedlsc_common.storage import atomic_write_text
-from fedlsc_tools.cli import collect, markdown_table, simulate
+from fedlsc_tools.cli import collect, flower_env, markdown_table, simulate
 
 
-def run_job(cfg: dict[str, Any], job_dir: Path) -> int:
-    """One simulation with config ``cfg``; results under ``job_dir/results``."""
+def run_job(cfg: dict[str, Any], job_dir: Path, transport: str = "flwr") -> int:
+    """One simulation with config ``cfg``; results under ``job_dir/results``.
+
+    ``transport="flwr"``: ``flwr run`` (Ray, a local SuperLink); ``"inprocess"``: the
+    same ServerApp and ClientApp in one subprocess (:mod:`fedlsc_tools.inprocess`)."""
     cfg = dict(cfg)
     cfg["results_dir"] = str(job_dir / "results")
     settings = Settings.from_run_config(to_run_config(cfg))  # fail early, with a clear line
     toml_file = job_dir / "run_config.toml"
     atomic_write_text(toml_file, run_config_toml(settings.to_run_config()))
+    if transport == "inprocess":
+        command = [sys.executable, "-m", "fedlsc_tools.inprocess", str(toml_file),
+                   "--num-supernodes", str(settings.partition.num_partitions)]
+        with open(job_dir / "flower.log", "w") as log:
+            return subprocess.call(command, env=flower_env(), stdout=log,
+                                   stderr=subprocess.STDOUT, cwd=project_root() or Path.cwd())
+    if transport != "flwr":
+        raise ValueError(f"transport must be 'flwr' or 'inprocess', got {transport!r}")
     project = project_root() or Path.cwd()
     return simulate(project, [str(toml_file)],
                     num_supernodes=settings.partition.num_partitions,

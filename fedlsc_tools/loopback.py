@@ -6,6 +6,12 @@ output folder through ``--node-config``; runs the app with ``flwr run``, follows
 ``flwr ls`` until it ends, and stops every process it started, by PID (process group),
 also when something fails.
 
+The sites share this machine's cores, so each SuperNode gets ``num-threads`` = cores /
+sites (at least 1) in its node config: torch's default of one thread per core in every
+site's process would oversubscribe them. Each SuperNode runs its ClientApps through the
+warm SuperExec of :mod:`fedlsc_tools.superexec` (``--isolation process``; same process
+group as its SuperNode, same log), or with ``warm=False`` through Flower's own SuperExec.
+
     python -m fedlsc_tools.loopback run --work /tmp/fedlsc-deploy --rounds 2
     python -m fedlsc_tools.loopback certs docker/certs     (for docker/compose.tls.yml)
 
@@ -61,26 +67,38 @@ class LoopbackFederation:
 
     def __init__(self, work: Path, sites: Sequence[Hospital], *, tls: bool = True,
                  auth: bool = True, project: Path | None = None,
-                 database: Path | None = None) -> None:
+                 database: Path | None = None, warm: bool = True,
+                 threads_per_site: int | None = None) -> None:
         self.work = work.resolve()
         self.sites = list(sites)
         self.tls, self.auth = tls, auth
+        self.warm = warm
+        self.threads_per_site = threads_per_site or max(1, (os.cpu_count() or 1) //
+                                                        max(1, len(self.sites)))
         self.database = database  # None: Flower's in-memory state (nothing to lock on disk)
         self.project = project or project_root() or Path.cwd()
         self.port = free_port()
-        self.env = {**flower_env(), "FLWR_HOME": str(self.work / "flwr-home")}
+        self.env = {**flower_env(), "FLWR_HOME": str(self.work / "flwr-home"),
+                    # Flower's SuperExec asks for tasks every second by default
+                    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.25"}
         self.processes: dict[str, subprocess.Popen] = {}
         self.certs: dict[str, Path] = {}
         self.federation = "loopback"
 
     # ------------------------------------------------------------------ processes
-    def _start(self, name: str, command: list[str],
-               log_name: str | None = None) -> subprocess.Popen:
-        log = open(self.work / "logs" / f"{log_name or name}.log", "wb")  # noqa: SIM115
+    def _start(self, name: str, command: list[str], log_name: str | None = None,
+               group: int | None = None) -> subprocess.Popen:
+        """Start ``command`` in a new process group (or in ``group``), its output appended
+        to ``logs/<log_name or name>.log``. Groups stay in this session: a process may
+        only join a group of its own session."""
+        path = self.work / "logs" / f"{log_name or name}.log"
+        if group is None:
+            path.write_bytes(b"")
+        log = open(path, "ab")  # noqa: SIM115 - O_APPEND: two processes may share a log
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                cwd=self.work, start_new_session=True)
+                                cwd=self.work, process_group=0 if group is None else group)
         log.close()
-        self.processes[name] = proc
+        self.processes[name if group is None else f"{name}/superexec"] = proc
         return proc
 
     def log_tail(self, name: str, lines: int = 30) -> str:
@@ -92,10 +110,11 @@ class LoopbackFederation:
         for name, proc in self.processes.items():
             if proc.poll() is not None:
                 raise DeploymentError(f"{name} exited with code {proc.returncode}; its log "
-                                      f"ends with:\n{self.log_tail(name)}")
+                                      f"ends with:\n{self.log_tail(name.split('/')[0])}")
 
     def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 15) -> None:
-        """Stop one process and everything it started (its process group)."""
+        """Stop one process and everything in its process group (a SuperNode: also its
+        SuperExec and ClientApps)."""
         proc = self.processes.get(name)
         if proc is None or proc.poll() is not None:
             return
@@ -121,7 +140,8 @@ class LoopbackFederation:
 
     def close(self) -> None:
         for name in reversed(list(self.processes)):
-            self.stop(name)
+            if "/" not in name:  # a SuperExec goes with its SuperNode's group
+                self.stop(name)
 
     # ------------------------------------------------------------------ start-up
     def start(self) -> None:
@@ -184,9 +204,10 @@ class LoopbackFederation:
         site.output_dir.mkdir(parents=True, exist_ok=True)
         node_config = (f"partition-id={index} num-partitions={len(self.sites)} "
                        f"site-name='{site.name}' data-dir='{site.data_dir}' "
-                       f"output-dir='{site.output_dir}'")
+                       f"output-dir='{site.output_dir}' num-threads={self.threads_per_site}")
+        runtime_port = free_port()
         command = ["flower-supernode", "--superlink", f"127.0.0.1:{self.port}",
-                   "--node-config", node_config, "--port", str(free_port())]
+                   "--node-config", node_config, "--port", str(runtime_port)]
         command += (["--root-certificates", str(self.certs["ca"])] if self.tls
                     else ["--insecure"])
         if self.auth:
@@ -194,7 +215,15 @@ class LoopbackFederation:
             if register:
                 self.register(key, name)
             command += ["--auth-supernode-private-key", str(key)]
-        return self._start(name, command, log_name)
+        if self.warm:
+            command += ["--isolation", "process"]
+        supernode = self._start(name, command, log_name)
+        if self.warm:  # in the SuperNode's process group: a kill of the site takes both
+            self._start(name, [sys.executable, "-m", "fedlsc_tools.superexec",
+                               "--runtime-api-address", f"127.0.0.1:{runtime_port}",
+                               "--insecure", "--parent-pid", str(supernode.pid)],
+                        log_name or name, group=supernode.pid)
+        return supernode
 
     def restart_site(self, index: int, log_name: str) -> subprocess.Popen:
         """Start site ``index`` again (after a crash): same key and node config, so the
@@ -218,9 +247,9 @@ class LoopbackFederation:
             raise DeploymentError(f"flwr run failed: {submitted.stdout}{submitted.stderr}")
         return int(json.loads(submitted.stdout)["run-id"])
 
-    def server_log(self, run_id: int) -> str:
+    def server_log(self, run_id: int, timeout: float = 60) -> str:
         """What the ServerApp of this run has logged so far."""
-        logs = self.flwr("log", str(run_id), self.federation, "--show", timeout=60)
+        logs = self.flwr("log", str(run_id), self.federation, "--show", timeout=timeout)
         return logs.stdout + logs.stderr
 
     def wait(self, run_id: int, timeout: float = 1200) -> dict[str, Any]:
@@ -230,8 +259,11 @@ class LoopbackFederation:
             self._check_alive()
             status = self.status(run_id)
             if status.startswith("finished"):
-                (self.work / "logs" / f"serverapp-{run_id}.log").write_text(
-                    self.server_log(run_id))
+                try:  # the run is over: its log is a convenience, not worth failing for
+                    text = self.server_log(run_id, timeout=300)
+                except subprocess.TimeoutExpired:
+                    text = "flwr log timed out after 300 s\n"
+                (self.work / "logs" / f"serverapp-{run_id}.log").write_text(text)
                 return {"run-id": run_id, "status": status,
                         "seconds": round(time.monotonic() - start, 1)}
             time.sleep(2)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import time
-from logging import ERROR, INFO
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
 import torch
@@ -23,7 +23,13 @@ from fedlsc_common.storage import FolderInUse, atomic_write_text, load_checkpoin
 from fedlsc_flwr.metrics import pooled_evaluate_metrics
 from fedlsc_flwr.model import build_model
 from fedlsc_flwr.wire import array_from_numpy
-from server_app.recorder import MeteredGrid, RecordedStrategy, RunRecorder, read_rows
+from server_app.recorder import (
+    MeteredGrid,
+    RecordedStrategy,
+    RunRecorder,
+    TensorBoardLog,
+    read_rows,
+)
 
 app = ServerApp()
 
@@ -67,6 +73,7 @@ def main(grid: Grid, context: Context) -> None:
 
     strategy = settings.build_strategy(evaluate_metrics_aggr_fn=functools.partial(
         pooled_evaluate_metrics, class_names=CLASSES))
+    attack = _simulated_attack(settings)
 
     done, rows = 0, []
     if settings.resume_from:
@@ -87,16 +94,24 @@ def main(grid: Grid, context: Context) -> None:
             settings.num_server_rounds)
         return
 
+    try:
+        tensorboard = TensorBoardLog(results_dir / "tensorboard") if settings.tensorboard \
+            else None
+    except ConfigError as err:
+        log(ERROR, "Configuration error: %s", err)
+        raise
     wait_for_sites(grid, settings.min_available_nodes, settings.wait_for_sites_seconds)
     metered = MeteredGrid(grid)
-    recorded = RecordedStrategy(strategy)
+    recorded = RecordedStrategy(strategy, lambda server_round: settings.evaluates(
+        server_round + done))
     recorder = RunRecorder(
         results_dir, strategy=recorded, grid=metered, run_config=dict(context.run_config),
         strategy_name=settings.strategy.name, round_offset=done,
         model_info={"backbone": settings.model.backbone,
                     "image_size": settings.dataset.image_size,
                     "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-        class_names=list(CLASSES), targets=settings.targets, previous_rows=rows)
+        class_names=list(CLASSES), targets=settings.targets, previous_rows=rows,
+        tensorboard=tensorboard, simulated_attack=attack)
     recorded.start(grid=metered, initial_arrays=arrays, num_rounds=remaining,
                    timeout=float(settings.round_timeout),
                    train_config=ConfigRecord({"round-offset": done}),
@@ -113,6 +128,21 @@ def main(grid: Grid, context: Context) -> None:
         "held-out data; personalized models mean balanced accuracy %.4f. Files in %s",
         final.get("balanced-accuracy", float("nan")), final.get("accuracy", float("nan")),
         summary["final"]["personalized"].get("balanced-accuracy", float("nan")), results_dir)
+
+
+def _simulated_attack(settings: Settings) -> dict[str, object] | None:
+    """The run's simulated bad site (``attack.*``), announced in the log; None if none."""
+    a = settings.attack
+    if not a.active:
+        return None
+    if settings.partition.name == "folder":
+        log(WARNING, "attack.kind = %s is set, but sites reading their own data folders "
+            "(partition.name = folder) never apply it: no site is simulated as bad", a.kind)
+        return None
+    log(WARNING, "SIMULATED BAD SITE in this run: %s (site-%s unless the node config names "
+        "it otherwise)", a.describe(), a.site)
+    return {"kind": a.kind, "partition_id": a.site, "fraction": a.fraction, "scale": a.scale,
+            "description": a.describe()}
 
 
 def _truncate_similarity(source: Path, target: Path, done: int) -> None:

@@ -30,7 +30,9 @@ def plot_accuracy(rows: Sequence[Mapping[str, Any]], path: str | Path, title: st
     rounds = [r["round"] for r in rows]
     for group, style in (("global", "-"), ("personalized", "--")):
         for metric, color in (("accuracy", "tab:blue"), ("balanced-accuracy", "tab:orange")):
-            values = [r.get(group, {}).get(metric) for r in rows]
+            values = [r.get(group, {}).get(metric)
+                      if group != "global" or r.get("global-model-scored", True) else None
+                      for r in rows]
             if any(v is not None for v in values):
                 ax.plot(rounds, [np.nan if v is None else v for v in values], style,
                         color=color, marker="o", ms=3, label=f"{group} {metric}")
@@ -56,7 +58,7 @@ def plot_similarity_heatmap(report: Mapping[str, Any], path: str | Path) -> Path
     height = min(max(3.0, 0.12 * len(layers)), 40.0)
     fig, ax = plt.subplots(figsize=(2.5 + 1.2 * sims.shape[1], height))
     cmap = matplotlib.colormaps["RdBu"].copy()
-    cmap.set_bad("lightgrey")
+    cmap = cmap.with_extremes(bad="lightgrey")
     image = ax.imshow(np.ma.masked_invalid(sims), aspect="auto", cmap=cmap, vmin=-1, vmax=1,
                       interpolation="nearest")
     ax.set_xticks(range(sims.shape[1]),
@@ -71,4 +73,95 @@ def plot_similarity_heatmap(report: Mapping[str, Any], path: str | Path) -> Path
     fig.colorbar(image, ax=ax, label="mean cosine similarity of updates")
     ax.set_title(f"layer similarity, round {report.get('round')} "
                  "(★ personalized: kept on the sites, grey once no longer compared)", fontsize=9)
+    return _save(fig, path)
+
+
+#: Sites drawn one by one in the confusion plot; beyond this only the pooled matrix is drawn.
+MAX_SITE_PANELS = 8
+
+
+def plot_confusion(confusion: Mapping[str, Any], path: str | Path, title: str = "") -> Path:
+    """Confusion matrices of a round: one row per model (global; personalized when it
+    differs), the pooled held-out data of all sites first, then each site's.
+
+    ``confusion`` is a ``metrics.jsonl`` row's ``confusion`` entry: ``classes`` and per
+    model ``{"pooled": K×K counts, "sites": {name: K×K counts}}`` (rows: true class).
+    Colour is the share of each true class (recall on the diagonal); cells print counts.
+    """
+    classes = list(confusion["classes"])
+    groups = [g for g in ("global", "personalized") if confusion.get(g)]
+    same = ""
+    if "personalized" in groups and confusion["personalized"] == confusion.get("global"):
+        groups.remove("personalized")  # the same matrices twice: draw them once
+        same = "\n(the personalized models give the same matrices)"
+    panels = []
+    for group in groups:
+        sites = confusion[group].get("sites", {})
+        row = [(f"{group} model, pooled ({len(sites)} sites)", confusion[group]["pooled"])]
+        if len(sites) <= MAX_SITE_PANELS:
+            row += [(f"{group} model, {name}", m) for name, m in sorted(sites.items())]
+        panels.append(row)
+    if not panels:
+        raise ValueError("no confusion matrix to plot")
+    ncols = max(len(row) for row in panels)
+    size = 1.2 + 0.38 * len(classes)
+    fig, axes = plt.subplots(len(panels), ncols, figsize=(size * ncols, size * len(panels)),
+                             squeeze=False)
+    for r, row in enumerate(panels):
+        for c in range(ncols):
+            ax = axes[r][c]
+            if c >= len(row):
+                ax.axis("off")
+                continue
+            name, counts = row[c]
+            counts = np.asarray(counts, dtype=float)
+            totals = counts.sum(axis=1, keepdims=True)
+            share = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+            ax.imshow(share, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+            for i, j in np.ndindex(counts.shape):
+                if counts[i, j]:
+                    ax.text(j, i, f"{int(counts[i, j])}", ha="center", va="center",
+                            fontsize=6, color="white" if share[i, j] > 0.5 else "black")
+            ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
+            ax.set_yticks(range(len(classes)), classes, fontsize=7)
+            ax.set_title(f"{name}\n{int(counts.sum())} images, "
+                         f"accuracy {np.trace(counts) / max(counts.sum(), 1):.2f}", fontsize=8)
+            if c == 0:
+                ax.set_ylabel("true class", fontsize=8)
+            if r == len(panels) - 1:
+                ax.set_xlabel("predicted class", fontsize=8)
+    fig.suptitle((title or "confusion matrices (colour: share of the true class)") + same,
+                 fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_agreement(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str = "") -> Path:
+    """Each site's agreement with the others per round (FedLSC's report), one line per
+    site; the rule's threshold dotted, rounds where a site was flagged marked with ✕."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    reported = [r for r in rows if r.get("agreement")]
+    sites = sorted({name for r in reported for name in r["agreement"]["sites"]})
+    for j, name in enumerate(sites):
+        color = plt.cm.tab10(j % 10)
+        mine = [r for r in reported if name in r["agreement"]["sites"]]
+        xs = [r["round"] for r in mine]
+        ys = [r["agreement"]["sites"][name]["agreement"] for r in mine]
+        ax.plot(xs, ys, marker="o", ms=3, color=color, label=name)
+        hits = [(x, y) for x, y, r in zip(xs, ys, mine)
+                if name in r["agreement"].get("flagged", [])]
+        if hits:
+            ax.plot(*zip(*hits), "x", ms=10, mew=2, color=color)
+    limits = [(r["round"], r["agreement"]["threshold"]) for r in reported
+              if r["agreement"].get("threshold") is not None]
+    if limits:
+        ax.plot(*zip(*limits), ":", color="grey", label="threshold")
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_ylabel("agreement (mean similarity to the others)")
+    ax.grid(alpha=0.3)
+    if sites:
+        ax.legend(fontsize=8)
+    ax.set_title(title or "site agreement per round (✕ flagged)")
     return _save(fig, path)

@@ -2,7 +2,8 @@
 
 One file per strategy: ``personalized`` (PersonalizedFedAvg, LocalOnly), ``fedlsc``
 (FedLSC), ``site_tracking`` (the mixin every strategy here has, and Flower's own FedAvg /
-FedProx with it).
+FedProx with it), ``robust`` (Flower's FedMedian, FedTrimmedAvg, Krum, MultiKrum and Bulyan
+with it).
 """
 
 from __future__ import annotations
@@ -14,17 +15,24 @@ from flwr.serverapp.strategy import FedAvg
 from fedlsc_flwr.similarity import HyperParameterError
 from fedlsc_flwr.strategy.fedlsc import FedLSC, RoundReport
 from fedlsc_flwr.strategy.personalized import LocalOnly, PersonalizedFedAvg
+from fedlsc_flwr.strategy.robust import (
+    SiteAwareBulyan,
+    SiteAwareFedMedian,
+    SiteAwareFedTrimmedAvg,
+    SiteAwareKrum,
+    SiteAwareMultiKrum,
+)
 from fedlsc_flwr.strategy.site_tracking import SiteAwareFedAvg, SiteAwareFedProx, SiteTracking
 
-__all__ = ["PARTLY_SHARED", "STRATEGY_NAMES", "FedLSC", "HyperParameterError", "LocalOnly",
+__all__ = ["ROBUST_NAMES", "STRATEGY_NAMES", "FedLSC", "HyperParameterError", "LocalOnly",
            "PersonalizedFedAvg", "RoundReport", "SiteAwareFedAvg", "SiteAwareFedProx",
            "SiteTracking", "build_strategy"]
 
+#: Flower 1.42's Byzantine-robust strategies (:mod:`fedlsc_flwr.strategy.robust`).
+ROBUST_NAMES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 STRATEGY_NAMES = (
-    "fedlsc", "fedlsc-per0", "fedavg", "fedprox", "fedavg-fc", "fedprox-fc", "local-only")
-#: Methods whose global model holds layers that never left their initialisation (the
-#: sites keep them): their global model is not a classifier to score on its own.
-PARTLY_SHARED = ("fedavg-fc", "fedprox-fc", "local-only")
+    "fedlsc", "fedlsc-per0", "fedavg", "fedprox", "fedavg-fc", "fedprox-fc", "local-only",
+    *ROBUST_NAMES)
 
 
 def build_strategy(
@@ -37,6 +45,13 @@ def build_strategy(
     granularity: str = "layer",
     max_update_norm_ratio: float = 0.0,
     update_dtype: str = "float32",
+    agreement_k: float = 2.0,
+    agreement_min_gap: float = 0.05,
+    agreement_rounds: int = 2,
+    disagreeing_weight: float = 1.0,
+    num_malicious_nodes: int = 1,
+    num_nodes_to_select: int = 0,
+    trim_beta: float = 0.2,
     **fedavg_kwargs: Any,
 ) -> FedAvg:
     """The paper's methods by name, so its table is reproduced with one switch.
@@ -46,8 +61,12 @@ def build_strategy(
     after handing out the initial model. ``fedavg``/``fedprox`` aggregate exactly as
     Flower's own FedAvg/FedProx (subclassed only to name failed sites) and do not filter
     updates by norm (``max_update_norm_ratio`` applies to the other methods).
+    ``agreement_*`` set FedLSC's disagreeing-site warning (:mod:`fedlsc_flwr.agreement`);
+    ``disagreeing_weight`` < 1 scales down, in FedLSC's aggregation, the sites that rule
+    puts below its threshold in a round (an option beyond the paper; 1 = the paper).
+    The names in ``ROBUST_NAMES`` are Flower's robust strategies (:func:`_build_robust`).
     """
-    if name in ("fedavg", "fedprox"):
+    if name in ("fedavg", "fedprox", *ROBUST_NAMES):
         if update_dtype != "float32":
             raise HyperParameterError(
                 "update_dtype", update_dtype, "'float32' with Flower's own fedavg/fedprox",
@@ -57,13 +76,18 @@ def build_strategy(
             raise HyperParameterError("proximal_mu", proximal_mu, "a number >= 0")
         if name == "fedavg":
             return SiteAwareFedAvg(**fedavg_kwargs)
-        return SiteAwareFedProx(proximal_mu=proximal_mu, **fedavg_kwargs)
+        if name == "fedprox":
+            return SiteAwareFedProx(proximal_mu=proximal_mu, **fedavg_kwargs)
+        return _build_robust(name, num_malicious_nodes, num_nodes_to_select, trim_beta,
+                             **fedavg_kwargs)
     fedavg_kwargs["max_update_norm_ratio"] = max_update_norm_ratio
     fedavg_kwargs["update_dtype"] = update_dtype
-    if name == "fedlsc":
-        return FedLSC(temperature, personalized_ratio, proximal_mu, granularity, **fedavg_kwargs)
-    if name == "fedlsc-per0":
-        return FedLSC(temperature, 0.0, proximal_mu, granularity, **fedavg_kwargs)
+    if name in ("fedlsc", "fedlsc-per0"):
+        ratio = personalized_ratio if name == "fedlsc" else 0.0
+        return FedLSC(temperature, ratio, proximal_mu, granularity,
+                      agreement_k=agreement_k, agreement_min_gap=agreement_min_gap,
+                      agreement_rounds=agreement_rounds,
+                      disagreeing_weight=disagreeing_weight, **fedavg_kwargs)
     if name == "fedavg-fc":
         return PersonalizedFedAvg([head_layer], 0.0, granularity, **fedavg_kwargs)
     if name == "fedprox-fc":
@@ -73,3 +97,35 @@ def build_strategy(
     raise HyperParameterError("name", name, f"one of {', '.join(STRATEGY_NAMES)}",
                               f"unknown strategy {name!r}; choose one of "
                               f"{', '.join(STRATEGY_NAMES)}")
+
+
+def _build_robust(name: str, num_malicious_nodes: int, num_nodes_to_select: int,
+                  trim_beta: float, **fedavg_kwargs: Any) -> FedAvg:
+    """One of Flower's robust strategies, site-aware. ``num_malicious_nodes`` is f of
+    Krum, MultiKrum and Bulyan; MultiKrum keeps ``num_nodes_to_select`` updates (0: N − f
+    with N = ``min_train_nodes``); FedTrimmedAvg cuts ``trim_beta`` at each end."""
+    sites = int(fedavg_kwargs.get("min_train_nodes", 2))
+    if isinstance(num_malicious_nodes, bool) or not isinstance(num_malicious_nodes, int) \
+            or num_malicious_nodes < 0:
+        raise HyperParameterError("num_malicious_nodes", num_malicious_nodes,
+                                  "an integer >= 0")
+    if name == "fedmedian":
+        return SiteAwareFedMedian(**fedavg_kwargs)
+    if name == "fedtrimmedavg":
+        if not 0.0 <= trim_beta < 0.5:
+            raise HyperParameterError("trim_beta", trim_beta, "in [0, 0.5)")
+        return SiteAwareFedTrimmedAvg(beta=trim_beta, **fedavg_kwargs)
+    if name == "bulyan":
+        if sites < 4 * num_malicious_nodes + 3:
+            raise HyperParameterError(
+                "num_malicious_nodes", num_malicious_nodes,
+                f"at most (min-train-nodes − 3) / 4 for bulyan (min-train-nodes = {sites})")
+        return SiteAwareBulyan(num_malicious_nodes=num_malicious_nodes, **fedavg_kwargs)
+    if name == "krum":
+        return SiteAwareKrum(num_malicious_nodes=num_malicious_nodes, **fedavg_kwargs)
+    select = num_nodes_to_select or max(1, sites - num_malicious_nodes)
+    if isinstance(select, bool) or not isinstance(select, int) or not 1 <= select <= sites:
+        raise HyperParameterError("num_nodes_to_select", num_nodes_to_select,
+                                  f"an integer in [0, min-train-nodes = {sites}] (0: N − f)")
+    return SiteAwareMultiKrum(num_malicious_nodes=num_malicious_nodes,
+                              num_nodes_to_select=select, **fedavg_kwargs)

@@ -28,6 +28,7 @@ from fedlsc_flwr.similarity import (
     check_granularity,
     group_layers,
     is_buffer,
+    one_blas_thread,
 )
 from fedlsc_flwr.strategy.site_tracking import SiteTracking
 from fedlsc_flwr.wire import (
@@ -35,6 +36,7 @@ from fedlsc_flwr.wire import (
     PROXIMAL_MU_KEY,
     UPDATE_DTYPE_KEY,
     UPDATE_DTYPES,
+    UPDATE_SCALE_KEY,
     array_from_numpy,
     array_view,
     decode_update,
@@ -51,6 +53,10 @@ class PersonalizedFedAvg(SiteTracking, FedAvg):
     returned ArrayRecord holds every key of the global model: personalized layers keep
     their last global value.
     """
+
+    #: Does the reply check measure ||Δw||² of every parameter tensor for the aggregation
+    #: (FedLSC's similarities)? The norm filter has it measured either way.
+    measures_updates = False
 
     def __init__(
         self,
@@ -76,9 +82,11 @@ class PersonalizedFedAvg(SiteTracking, FedAvg):
         self.max_update_norm_ratio = float(max_update_norm_ratio)
         self.update_dtype = update_dtype
         self.personalized_layers = frozenset(personalized_layers)
+        self.never_shared = self.personalized_layers
         self._global: ArrayRecord | None = None
         self._sent_keys: list[str] = []
-        self._checked: dict[int, dict[str, np.ndarray]] = {}  # id(reply) -> its arrays as views
+        # id(reply) -> its arrays as views, and ||Δw||² per parameter tensor when measured
+        self._checked: dict[int, tuple[dict[str, np.ndarray], dict[str, float]]] = {}
 
     # ------------------------------------------------------------------ configure
     def configure_train(
@@ -111,9 +119,17 @@ class PersonalizedFedAvg(SiteTracking, FedAvg):
         """Aggregate the shared layers of the usable replies; keep the rest."""
         if self._global is None:
             raise RuntimeError("aggregate_train called before configure_train")
+        with one_blas_thread():  # see one_blas_thread: steady, and faster on a busy host
+            return self._aggregate_train(server_round, replies)
+
+    def _aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        assert self._global is not None
         replies = self._received("train", server_round, replies)
         accepted, _ = self._check_and_log_replies(replies, is_train=True)
-        states = [self._checked.pop(id(m)) for m in accepted]
+        states, squared = zip(*[self._checked.pop(id(m)) for m in accepted]) if accepted \
+            else ((), ())
         self._checked.clear()
         counts = {"num-replies-accepted": len(accepted),
                   "num-replies-dropped": len(replies) - len(accepted)}
@@ -130,7 +146,8 @@ class PersonalizedFedAvg(SiteTracking, FedAvg):
         )
         node_ids = [m.metadata.src_node_id for m in accepted]
         new_state, extra = self._aggregate_shared(
-            server_round, global_state, states, node_ids, shared, examples / examples.sum()
+            server_round, global_state, list(states), node_ids, shared,
+            examples / examples.sum(), list(squared)
         )
         record = ArrayRecord(
             {
@@ -152,8 +169,11 @@ class PersonalizedFedAvg(SiteTracking, FedAvg):
         node_ids: list[int],
         shared: list[Layer],
         example_weights: np.ndarray,
+        squared_distances: list[dict[str, float]] | None = None,
     ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-        """New values of the shared tensors, and extra metrics. Here: FedAvg by examples."""
+        """New values of the shared tensors, and extra metrics. Here: FedAvg by examples.
+        ``squared_distances`` holds each reply's ||Δw||² per parameter tensor, where the
+        reply check measured it (:attr:`measures_updates`)."""
         return average_layers(global_state, states, shared, example_weights), {}
 
     def _check_and_log_replies(
@@ -169,21 +189,22 @@ class PersonalizedFedAvg(SiteTracking, FedAvg):
         expected = {k: self._global[k] for k in self._sent_keys}
         global_views = {k: array_view(v) for k, v in expected.items()}
         float32_sizes = [v.size for v in global_views.values() if v.dtype == np.float32]
-        scratch = np.empty(max(float32_sizes, default=0) if self.max_update_norm_ratio else 0,
-                           np.float32)
+        measure = self.measures_updates or self.max_update_norm_ratio > 0
+        scratch = np.empty(min(max(float32_sizes, default=0), _SCRATCH_ELEMENTS) if measure
+                           else 0, np.float32)
         accepted: list[Message] = []
         norms: list[float] = []
         server_round = self.current_round
         for msg in valid:
-            problem, state, norm = self._check_reply(msg, expected, global_views, scratch)
+            problem, state, squared = self._check_reply(msg, expected, global_views, scratch)
             if problem:
                 self._failed("train", server_round, msg.metadata.src_node_id,
                              f"dropped the reply: {problem}")
                 errors.append(msg)
                 continue
             accepted.append(msg)
-            self._checked[id(msg)] = state
-            norms.append(norm)
+            self._checked[id(msg)] = state, squared
+            norms.append(math.sqrt(sum(squared.values())))
         if self.max_update_norm_ratio > 0 and len(accepted) >= 3:
             median = float(np.median(norms))
             limit = self.max_update_norm_ratio * median
@@ -202,54 +223,63 @@ class PersonalizedFedAvg(SiteTracking, FedAvg):
     def _check_reply(
         self, msg: Message, expected: Mapping[str, Array],
         global_views: Mapping[str, np.ndarray], scratch: np.ndarray,
-    ) -> tuple[str | None, dict[str, np.ndarray], float]:
-        """Why a reply cannot be aggregated (None if it can), its arrays as views, and the
-        norm of its update (parameters only)."""
+    ) -> tuple[str | None, dict[str, np.ndarray], dict[str, float]]:
+        """Why a reply cannot be aggregated (None if it can), its arrays as views, and
+        ||Δw||² of each parameter tensor when updates are measured (``scratch`` is not
+        empty): the norm filter and FedLSC's similarities need them, and this pass reads
+        every value anyway to find NaN/Inf."""
         content = msg.content
         if self.arrayrecord_key not in content.array_records:
-            return f"no ArrayRecord under '{self.arrayrecord_key}'", {}, 0.0
+            return f"no ArrayRecord under '{self.arrayrecord_key}'", {}, {}
         if len(content.metric_records) != 1:
-            return f"expected one MetricRecord, found {len(content.metric_records)}", {}, 0.0
+            return f"expected one MetricRecord, found {len(content.metric_records)}", {}, {}
         count = _metrics(msg).get(self.weighted_by_key)
         if isinstance(count, list) or count is None or not count > 0:
             return (f"metric '{self.weighted_by_key}' missing or not positive ({count!r})",
-                    {}, 0.0)
+                    {}, {})
         arrays = content.array_records[self.arrayrecord_key]
         missing = [k for k in expected if k not in arrays]
         if missing:
-            return f"missing keys {missing[:3]}{' …' if len(missing) > 3 else ''}", {}, 0.0
+            return f"missing keys {missing[:3]}{' …' if len(missing) > 3 else ''}", {}, {}
         extra = [k for k in arrays if k not in expected]
         if extra:
             return (f"unexpected keys {extra[:3]}{' …' if len(extra) > 3 else ''} "
-                    "(personalized or unknown layers)"), {}, 0.0
+                    "(personalized or unknown layers)"), {}, {}
         state: dict[str, np.ndarray] = {}
+        squared: dict[str, float] = {}
         squared_norm = 0.0
+        scales = content.config_records.get(UPDATE_SCALE_KEY, {})
         for key, ref in expected.items():
             got = arrays[key]
             as_delta = self.update_dtype == "float16" and np.dtype(ref.dtype).kind == "f"
             dtype = "float16" if as_delta else ref.dtype
             if tuple(got.shape) != tuple(ref.shape) or got.dtype != dtype:
                 return (f"key '{key}' has shape {tuple(got.shape)} {got.dtype}, "
-                        f"expected {tuple(ref.shape)} {dtype}"), {}, 0.0
+                        f"expected {tuple(ref.shape)} {dtype}"), {}, {}
             try:
                 value = array_view(got)
             except (ValueError, TypeError) as err:
-                return f"key '{key}' cannot be read: {err}", {}, 0.0
+                return f"key '{key}' cannot be read: {err}", {}, {}
             if as_delta:
-                value = decode_update(value, global_views[key])
+                exponent = scales.get(key, 0)
+                if isinstance(exponent, bool) or not isinstance(exponent, int) \
+                        or abs(exponent) > 1000:
+                    return f"key '{key}' has an unusable update scale {exponent!r}", {}, {}
+                value = decode_update(value, global_views[key], exponent)
             if np.issubdtype(value.dtype, np.floating):
-                if is_buffer(key) or not self.max_update_norm_ratio:
+                if is_buffer(key) or not scratch.size:
                     finite = _all_finite(value)
-                else:  # the norm filter needs ||Δw||: one more pass, only when it is on
+                else:
                     step = _squared_distance(value, global_views[key], scratch)
                     finite = math.isfinite(step) or bool(np.isfinite(value).all())
+                    squared[key] = step
                     squared_norm += step
                 if not finite:
-                    return f"key '{key}' holds NaN or Inf values", {}, 0.0
+                    return f"key '{key}' holds NaN or Inf values", {}, {}
                 if not math.isfinite(squared_norm):
-                    return f"key '{key}' holds an update too large to measure", {}, 0.0
+                    return f"key '{key}' holds an update too large to measure", {}, {}
             state[key] = value
-        return None, state, math.sqrt(squared_norm)
+        return None, state, squared
 
     # ------------------------------------------------------------------ state
     def _layers(self, arrays: ArrayRecord) -> list[Layer]:
@@ -284,6 +314,7 @@ class LocalOnly(PersonalizedFedAvg):
     ) -> Iterable[Message]:
         messages = super().configure_train(server_round, arrays, config, grid)
         self.personalized_layers = frozenset(layer.name for layer in self._layers(arrays))
+        self.never_shared = self.personalized_layers
         return messages
 
 
@@ -307,14 +338,24 @@ def _metrics(msg: Message) -> MetricRecord:
     return next(iter(msg.content.metric_records.values()))
 
 
+#: Float32 elements of the reply check's difference buffer: small enough for a core's
+#: cache, large enough that a tensor takes few numpy calls.
+_SCRATCH_ELEMENTS = 1 << 16
+
+
 def _squared_distance(value: np.ndarray, reference: np.ndarray, scratch: np.ndarray) -> float:
-    """||value − reference||² through a reused float32 buffer (no allocation per array).
-    NaN/Inf anywhere makes it non-finite."""
-    if value.dtype == np.float32 and reference.dtype == np.float32:
-        diff = scratch[: value.size]
-        np.subtract(value.reshape(-1), reference.reshape(-1), out=diff)
-    else:
-        diff = (value.astype(np.float64) - reference).reshape(-1)
+    """||value − reference||², a piece at a time through a reused float32 buffer (no
+    allocation, and the buffer stays in cache). NaN/Inf anywhere makes it non-finite."""
+    if value.dtype == np.float32 and reference.dtype == np.float32 and scratch.size:
+        flat, ref = value.reshape(-1), reference.reshape(-1)
+        total = 0.0
+        for start in range(0, flat.size, scratch.size):
+            stop = min(start + scratch.size, flat.size)
+            diff = scratch[: stop - start]
+            np.subtract(flat[start:stop], ref[start:stop], out=diff)
+            total += float(np.dot(diff, diff))
+        return total
+    diff = (value.astype(np.float64) - reference).reshape(-1)
     return float(np.dot(diff, diff))
 
 

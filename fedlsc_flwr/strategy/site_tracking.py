@@ -37,6 +37,9 @@ class SiteTracking:
     """
 
     personalized_layers: frozenset[str] = frozenset()
+    #: Layers that stay on the sites from the first round: the global model never trains
+    #: them, so it is no classifier to score on its own (FedAvg-FC's head, LocalOnly).
+    never_shared: frozenset[str] = frozenset()
     last_report: Any = None  # FedLSC's RoundReport of the last aggregated round
     stage1_round: int | None = None
 

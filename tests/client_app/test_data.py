@@ -520,5 +520,6 @@ def test_decoding_and_export_show_progress_only_on_a_terminal(tmp_path, ham, mon
     if terminal:
         assert f"decoding images at 16 px:   0%|          | 0/{len(records)}" in shown
         assert "writing site folders: 100%" in shown
-    else:
-        assert shown == ""
+    else:  # (log records may reach this stream, depending on handlers other tests set up)
+        assert "decoding images" not in shown and "writing site folders" not in shown
+        assert "img/s" not in shown and "%|" not in shown

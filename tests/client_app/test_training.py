@@ -85,3 +85,23 @@ def test_confusion_matrix_counts_every_image():
     model = nn.Sequential(nn.Flatten(), nn.Linear(192, 3))
     cm, loss = confusion_matrix(model, _toy_loader(48), torch.device("cpu"), 3)
     assert cm.sum() == 48 and cm.shape == (3, 3) and loss > 0
+
+
+def test_lr_steps_per_local_epoch_within_a_round():
+    """StepLR over the local epochs of one round: with γ = 0 from the second epoch on,
+    three epochs move the weights exactly as far as one."""
+    def trained(epochs):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+        data = [(torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 0])) for _ in range(3)]
+        train_local(model, data, epochs=epochs, lr=0.1, device=torch.device("cpu"),
+                    lr_step_epochs=1, lr_gamma=0.0)
+        return model[1].weight.detach().clone()
+
+    assert torch.equal(trained(1), trained(3))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    before = model[1].weight.detach().clone()
+    train_local(model, [(torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 0]))], epochs=2,
+                lr=0.1, device=torch.device("cpu"), lr_step_epochs=1, lr_gamma=1.0)
+    assert not torch.equal(before, model[1].weight)

@@ -33,7 +33,7 @@ def deployment(tmp_path_factory):
     sites = hospital_folders(DATA, work, "dirichlet", 3,
                              min_partition_size=compose()["partition"]["min_partition_size"])
     config = to_run_config(compose([
-        "num_server_rounds=2", "dataset.image_size=32", "training.batch_size=16",
+        "model=small", "num_server_rounds=2", "dataset.image_size=32", "training.batch_size=16",
         "training.max_batches_per_epoch=2", "strategy.personalized_ratio=0.1"]))
     config["results-dir"] = str(work / "results")
     with LoopbackFederation(work, sites, tls=True, auth=True) as federation:
@@ -65,8 +65,10 @@ def test_run_completes_and_every_site_writes_its_personalized_model(deployment):
             rf"{site.name} round {row['round']}: trained .* in ([0-9.]+) s",
             deployment["federation"].log_tail(site.name, 400))]
         assert len(trained) == 3
-        print(f"round {row['round']}: {row['seconds']:.1f} s wall, slowest site trained "
-              f"{max(trained):.1f} s, overhead {row['seconds'] - max(trained):.1f} s")
+        assert row["train-seconds-max"] == pytest.approx(max(trained), abs=0.06)
+        assert row["round-seconds"] > row["train-seconds-max"]
+        print(f"round {row['round']}: {row['round-seconds']:.1f} s wall, slowest site trained "
+              f"{max(trained):.1f} s, overhead {row['round-seconds'] - max(trained):.1f} s")
 
 
 def test_each_site_reads_only_its_own_folder(deployment):

@@ -74,7 +74,8 @@ def test_bad_site_data_raises_a_clear_error_in_the_client_app(tmp_path):
 
     folder = tmp_path / "site-a"
     _site_folder(folder, [("nv", True), ("mel", True), ("bkl", False), ("nv", True)])
-    flat = to_run_config(compose(["dataset.image_size=16", "training.max_batches_per_epoch=1"]))
+    flat = to_run_config(compose(["model=small", "dataset.image_size=16",
+                                          "training.max_batches_per_epoch=1"]))
     context = Context(run_id=1, node_id=1, node_config={
         "partition-id": 0, "num-partitions": 1, "site-name": "site-a",
         "data-dir": str(folder), "output-dir": str(tmp_path / "out")},

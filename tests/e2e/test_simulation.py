@@ -26,6 +26,8 @@ COMMON = {
     "num-server-rounds": "2", "dataset.image-size": "32", "training.batch-size": "16",
     "training.max-batches-per-epoch": "3", "strategy.personalized-ratio": "0.1",
     "dataset.data-dir": f"'{DATA}'",
+    # the small model, as before the main job moved to a pretrained EfficientNet
+    "model.backbone": "'resnet10t_sa'", "model.pretrained": "'false'",
 }
 
 
@@ -58,7 +60,7 @@ def flower(tmp_path_factory, stop_processes, own_local_superlink):
 def runs(flower, tmp_path_factory):
     base = tmp_path_factory.mktemp("runs")
     flower(base / "prox", strategy__proximal_mu="1.0")
-    flower(base / "noprox", strategy__proximal_mu="0.0")
+    flower(base / "noprox", strategy__proximal_mu="0.0", tensorboard="true")
     return base
 
 
@@ -82,8 +84,14 @@ def test_every_results_file_is_written(runs):
     checkpoint = load_checkpoint(out / "checkpoint.pt")
     assert checkpoint["round"] == 2
     assert checkpoint["strategy_state"]["personalized_layers"] == summary["personalized_layers"]
-    for png in ("accuracy.png", "similarity_heatmap.png"):
+    for png in ("accuracy.png", "confusion_matrix.png", "similarity_heatmap.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    confusion = metrics[-1]["confusion"]  # what confusion_matrix.png draws
+    assert sorted(confusion["global"]["sites"]) == ["site-0", "site-1", "site-2"]
+    pooled = np.array(confusion["global"]["pooled"])
+    assert pooled.shape == (7, 7) and pooled.sum() == sum(
+        np.sum(m) for m in confusion["global"]["sites"].values())
+    assert np.trace(pooled) / pooled.sum() == pytest.approx(metrics[-1]["global"]["accuracy"])
     similarity = [json.loads(line) for line in (out / "similarity.jsonl").read_text().splitlines()]
     assert [s["round"] for s in similarity] == [1, 2]
     assert len(similarity[0]["node_ids"]) == 3
@@ -149,3 +157,16 @@ def test_resume_continues_at_the_next_round(flower, runs, tmp_path):
     assert after["personalized_layers"] == before["personalized_layers"]
     assert load_checkpoint(out / "checkpoint.pt")["round"] == 3
     assert resumed[2]["similarity"]["num-personalized-layers"] == len(before["personalized_layers"])
+
+
+def test_tensorboard_logs_the_rounds_when_asked(runs):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert not (runs / "prox" / "tensorboard").exists()  # off by default
+    events = EventAccumulator(str(runs / "noprox" / "tensorboard"))
+    events.Reload()
+    accuracy = events.Scalars("global/accuracy")
+    assert [e.step for e in accuracy] == [1, 2]
+    assert [e.value for e in accuracy] == pytest.approx(
+        [r["global"]["accuracy"] for r in rows(runs / "noprox")])

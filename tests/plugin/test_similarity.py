@@ -150,3 +150,81 @@ def test_math_and_model_import_without_flower():
 
     assert fedlsc_flwr.res2net50_sa.__module__ == "fedlsc_flwr.model"
     assert fedlsc_flwr.FedLSC.__name__ == "FedLSC"
+
+
+def _states(n, rng):
+    shapes = {"conv.weight": (8, 3, 3, 3), "conv.bias": (8,), "bn.weight": (8,),
+              "bn.bias": (8,), "bn.running_mean": (8,), "head.weight": (4, 8)}
+    g = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+    g["bn.num_batches_tracked"] = np.array(5, np.int64)
+    clients = []
+    for i in range(n):
+        c = {k: (v + rng.normal(scale=0.01, size=v.shape)).astype(np.float32)
+             for k, v in g.items() if v.dtype == np.float32}
+        c["bn.num_batches_tracked"] = np.array(5 + i, np.int64)
+        clients.append(c)
+    clients[0]["head.weight"] = g["head.weight"].copy()  # a zero update in one layer
+    return g, clients
+
+
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_streamed_aggregation_equals_the_whole_matrix(n, monkeypatch):
+    """Layers larger than one block are streamed through a small workspace: same weights,
+    similarities and new tensors as from the whole (N, P) matrix."""
+    from fedlsc_flwr import similarity
+    from fedlsc_flwr.similarity import aggregate_layers, average_layers
+
+    g, clients = _states(n, np.random.default_rng(n))
+    layers = group_layers(g)
+    whole, whole_reports = aggregate_layers(g, clients, layers, 0.3)
+    averaged = average_layers(g, clients, layers, np.full(n, 1.0 / n))
+    blocks = []
+    real_blocks = similarity.update_blocks
+
+    def counting(*args):
+        for item in real_blocks(*args):
+            blocks.append(item[:3])
+            yield item
+
+    monkeypatch.setattr(similarity, "BLOCK_ELEMENTS", 10)
+    monkeypatch.setattr(similarity, "MIN_BLOCK_COLUMNS", 7)
+    monkeypatch.setattr(similarity, "update_blocks", counting)
+    streamed, streamed_reports = aggregate_layers(g, clients, layers, 0.3)
+    assert len(blocks) > len(g)  # tensors were cut into blocks of columns
+    for key in whole:
+        np.testing.assert_allclose(streamed[key], whole[key], rtol=1e-6, atol=1e-7, err_msg=key)
+        assert streamed[key].dtype == g[key].dtype
+    for name, report in whole_reports.items():
+        np.testing.assert_allclose(streamed_reports[name].mean_similarity,
+                                   report.mean_similarity, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(streamed_reports[name].weights, report.weights, atol=1e-6)
+    if n > 1:  # and both are Eq. 3 by the loop
+        conv = np.stack([np.concatenate([c["conv.weight"].ravel() - g["conv.weight"].ravel(),
+                                         c["conv.bias"] - g["conv.bias"]]) for c in clients])
+        np.testing.assert_allclose(streamed_reports["conv"].mean_similarity,
+                                   reference_mean_similarity(conv.astype(np.float64)), atol=1e-5)
+    assert streamed_reports["head"].mean_similarity[0] == 0.0  # the zero update
+    streamed_average = average_layers(g, clients, layers, np.full(n, 1.0 / n))
+    for key in averaged:
+        np.testing.assert_allclose(streamed_average[key], averaged[key], rtol=1e-6, atol=1e-7)
+
+
+def test_given_update_norms_replace_the_norm_pass(monkeypatch):
+    from fedlsc_flwr import similarity
+    from fedlsc_flwr.similarity import aggregate_layers
+
+    g, clients = _states(4, np.random.default_rng(7))
+    layers = group_layers(g)
+    monkeypatch.setattr(similarity, "BLOCK_ELEMENTS", 10)
+    monkeypatch.setattr(similarity, "MIN_BLOCK_COLUMNS", 7)
+    measured, measured_reports = aggregate_layers(g, clients, layers, 0.3)
+    squared = [{k: float(np.sum((c[k].astype(np.float64) - g[k]) ** 2))
+                for k in c if k in g and not k.endswith(("running_mean", "tracked"))}
+               for c in clients]
+    given, given_reports = aggregate_layers(g, clients, layers, 0.3,
+                                            squared_distances=squared)
+    for key in measured:
+        np.testing.assert_allclose(given[key], measured[key], rtol=1e-6, atol=1e-7)
+    for name in measured_reports:
+        np.testing.assert_allclose(given_reports[name].weights,
+                                   measured_reports[name].weights, atol=1e-6)

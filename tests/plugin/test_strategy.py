@@ -461,3 +461,31 @@ def test_float16_needs_a_strategy_of_this_project():
         build_strategy("fedavg", update_dtype="float16")
     with pytest.raises(ValueError, match="update_dtype"):
         FedLSC(update_dtype="bfloat16")
+
+
+def test_scaled_float16_deltas_keep_tiny_updates():
+    """Updates of |Δ| ≈ 1e-6 (late rounds, small lr): float16 replies with the site's
+    power-of-two scales aggregate like float32 ones; without the scales they would not."""
+    from fedlsc_flwr.wire import UPDATE_SCALE_KEY, encode_update
+
+    rng = np.random.default_rng(11)
+    g = small_model_state(rng)
+    states = [{k: (v + 1e-6 * rng.normal(size=v.shape)).astype(v.dtype) if v.dtype.kind == "f"
+               else v for k, v in g.items()} for _ in range(3)]
+    full = FedLSC(personalized_ratio=0.0)
+    half = FedLSC(personalized_ratio=0.0, update_dtype="float16")
+    configure(full, g)
+    configure(half, g)
+    replies16 = []
+    for i, s in enumerate(states):
+        encoded = {k: encode_update(v, g[k], "float16") for k, v in s.items()}
+        message = reply(i + 1, {k: value for k, (value, _) in encoded.items()})
+        message.content[UPDATE_SCALE_KEY] = ConfigRecord({k: e for k, (_, e) in encoded.items()})
+        replies16.append(message)
+    a32, _ = full.aggregate_train(1, [reply(i + 1, s) for i, s in enumerate(states)])
+    a16, _ = half.aggregate_train(1, replies16)
+    for key, value in g.items():
+        if value.dtype.kind == "f":
+            step = a32[key].numpy().astype(np.float64) - value
+            got = a16[key].numpy().astype(np.float64) - value
+            assert np.linalg.norm(got - step) <= 0.01 * np.linalg.norm(step) + 1e-7, key

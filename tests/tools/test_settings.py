@@ -43,6 +43,7 @@ def test_paper_experiment_and_group_switches():
     assert paper.num_server_rounds == 50
     assert paper.training.lr == pytest.approx(1e-4)
     assert paper.model.backbone == "res2net50_sa"
+    assert paper.model.pretrained_source is True  # ImageNet start, as in the paper
     assert paper.dataset.image_size == 224
     assert paper.strategy.temperature == pytest.approx(0.2)
     assert paper.strategy.personalized_ratio == pytest.approx(0.01)
