@@ -3,14 +3,19 @@ of what each holds. Tooling for demos and tests: a real hospital already has its
 
 A folder holds ``HAM10000_metadata.csv`` (its own rows) and its images, which is what
 a SuperNode's ``data-dir`` node config points at (``partition.name = 'folder'``).
+
+    python -m fedlsc_tools.site_folders export docker/sites          (3 Dirichlet sites)
+    python -m fedlsc_tools.site_folders export OUT partition=site    (the 4 real hospitals)
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import logging
 import os
 import shutil
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -143,3 +148,38 @@ def plot_label_distribution(
     fig.savefig(tmp, format="png", dpi=120)
     os.replace(tmp, path)
     return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``export OUT [overrides]``: the site folders of the configured split (conf/ gives
+    the partition, its size, beta, seed and minimum partition size)."""
+    from fedlsc_common.settings import compose, resolve_data_dir
+
+    parser = argparse.ArgumentParser(
+        description="Write each site's own data folder (OUT/site_<k>/) from HAM10000.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    export = sub.add_parser("export", help="write OUT/site_0, OUT/site_1, ...")
+    export.add_argument("out", type=Path, help="folder for the site folders")
+    export.add_argument("--data-dir", default="",
+                        help="the whole HAM10000 folder (default: as for a run)")
+    export.add_argument("overrides", nargs="*",
+                        help="Hydra overrides, e.g. partition=site or seed=1")
+    # parse_known_args: overrides may also follow the options (argparse would refuse them)
+    args, extra = parser.parse_known_args(argv)
+    if unknown := [a for a in extra if a.startswith("-")]:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    cfg = compose([*args.overrides, *extra])
+    part = cfg["partition"]
+    if part["name"] == "folder":
+        parser.error("partition=folder reads existing site folders; export from dirichlet "
+                     "or site")
+    folders = export_site_folders(
+        resolve_data_dir(args.data_dir or cfg["dataset"]["data_dir"]), args.out,
+        partition=part["name"], num_partitions=part["num_partitions"], beta=part["beta"],
+        seed=cfg["seed"], min_partition_size=part["min_partition_size"])
+    print("\n".join(str(f) for f in folders))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

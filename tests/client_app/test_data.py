@@ -383,6 +383,22 @@ def test_export_site_folders_round_trip(tmp_path, ham) -> None:
         export_site_folders(ham, tmp_path / "sites", **{**kwargs, "seed": 8})
 
 
+def test_export_command_takes_the_split_from_conf(tmp_path, ham) -> None:
+    from fedlsc_tools.site_folders import main
+
+    # Overrides before and after the options, as a user types them.
+    assert main(["export", str(tmp_path / "cli"), "seed=3", "--data-dir", str(ham),
+                 "partition.min_partition_size=5"]) == 0
+    expected = export_site_folders(ham, tmp_path / "api", partition="dirichlet",
+                                   num_partitions=3, beta=0.5, seed=3, min_partition_size=5)
+    written = sorted((tmp_path / "cli").iterdir())
+    assert [f.name for f in written] == [f.name for f in expected]
+    for cli, api in zip(written, expected, strict=True):
+        assert (cli / METADATA_FILE).read_text() == (api / METADATA_FILE).read_text()
+    with pytest.raises(SystemExit):
+        main(["export", str(tmp_path / "x"), "--data-dir", str(ham), "partition=folder"])
+
+
 # --- loaders, caches, imbalance ---------------------------------------------------------
 
 
