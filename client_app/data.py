@@ -378,10 +378,16 @@ def class_weights(records: Sequence[Record], num_classes: int = len(CLASSES)) ->
     return weights
 
 
-def balanced_sampler(records: Sequence[Record], seed: int = 0) -> WeightedRandomSampler:
-    """Draw ``len(records)`` samples with replacement, every present class equally likely."""
+def balanced_sampler(records: Sequence[Record], seed: int = 0,
+                     power: float = 1.0) -> WeightedRandomSampler:
+    """Draw ``len(records)`` samples with replacement, each with weight count(class)^-power:
+    ``power`` 1 draws every present class equally often, 0 as often as it occurs, and 0.5
+    in proportion to the square root of its count (a site's rare classes still come up more
+    often than in its data, without most steps going to its handful of images)."""
+    if not 0.0 <= power <= 1.0:
+        raise ValueError(f"balanced_sampler: power = {power!r}: must be in [0, 1]")
     counts = class_counts(records)
-    weights = torch.tensor([1.0 / counts[r.label] for r in records], dtype=torch.float64)
+    weights = torch.tensor([counts[r.label] ** -power for r in records], dtype=torch.float64)
     generator = torch.Generator().manual_seed(seed)
     return WeightedRandomSampler(weights, len(records), replacement=True, generator=generator)
 
@@ -395,6 +401,7 @@ def make_loader(
     num_workers: int = 0,
     cache: bool | str | Path = True,
     balanced: bool = False,
+    sampling_power: float = 1.0,
     seed: int = 0,
     on_error: OnError = "raise",
     drop_last: bool = False,
@@ -404,7 +411,8 @@ def make_loader(
     ``cache``: True decodes everything once into memory (the default: augmentation then
     runs on uint8 tensors); a path adds an on-disk .npy cache shared by later processes;
     False decodes every item every epoch (for sets too large for memory). Training
-    loaders shuffle with ``seed``, or draw class-balanced batches when ``balanced``.
+    loaders shuffle with ``seed``, or, when ``balanced``, draw classes by
+    :func:`balanced_sampler` with ``sampling_power``.
     """
     if not records:
         raise ValueError("make_loader: no records")
@@ -414,7 +422,7 @@ def make_loader(
         images, kept = decode_images(records, image_size, cache_dir=cache_dir, on_error=on_error)
         records = [records[i] for i in kept]
     dataset = ImageDataset(records, image_size, build_transform(image_size, train), images)
-    sampler = balanced_sampler(records, seed) if train and balanced else None
+    sampler = balanced_sampler(records, seed, sampling_power) if train and balanced else None
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset,

@@ -176,6 +176,7 @@ class Site:
             _LOADERS[(key, split, wrong)] = make_loader(
                 records, s.dataset.image_size, train=split == "train",
                 balanced=split == "train" and s.training.balanced_sampling,
+                sampling_power=s.training.sampling_power,
                 batch_size=s.training.batch_size, num_workers=s.training.num_workers,
                 cache=image_cache_dir() if s.dataset.cache else False, seed=s.seed,
                 on_error=s.dataset.on_error)

@@ -133,6 +133,7 @@ class TrainingSettings:
     max_batches_per_epoch: int
     class_weighted_loss: bool
     balanced_sampling: bool
+    sampling_power: float
     num_workers: int
 
 
@@ -256,6 +257,7 @@ class Settings:
             (self.training.lr_step_size >= 1, "training.lr-step-size", "at least 1"),
             (self.training.lr_step_unit in ("local-epoch", "round"), "training.lr-step-unit",
              "'local-epoch' or 'round'"),
+            (0 <= self.training.sampling_power <= 1, "training.sampling-power", "in [0, 1]"),
             (self.min_train_nodes >= 1, "min-train-nodes", "at least 1"),
             (self.min_available_nodes >= self.min_train_nodes, "min-available-nodes",
              f"at least min-train-nodes ({self.min_train_nodes})"),

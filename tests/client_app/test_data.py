@@ -477,6 +477,19 @@ def test_balanced_sampler_evens_classes() -> None:
     assert list(balanced_sampler(records, seed=0)) == list(balanced_sampler(records, seed=0))
 
 
+def test_balanced_sampler_power_tempers_the_classes() -> None:
+    # 90 images of class 5, 10 of class 4: power 0.5 draws them 9^0.5 : 1 = 3 : 1 (25 % of
+    # class 4), power 0 as they occur (10 %), power 1 equally (50 %).
+    records = _records_with_labels([5] * 900 + [4] * 100)
+    shares = {power: Counter(records[i].label for i in balanced_sampler(records, 0, power))[4]
+              / len(records) for power in (0.0, 0.5, 1.0)}
+    assert abs(shares[0.0] - 0.10) < 0.03
+    assert abs(shares[0.5] - 0.25) < 0.04
+    assert abs(shares[1.0] - 0.50) < 0.05
+    with pytest.raises(ValueError, match="power = 1.5"):
+        balanced_sampler(records, 0, 1.5)
+
+
 # --- plots ---------------------------------------------------------------------------
 
 
