@@ -14,6 +14,8 @@ back from those result files.
     python benchmarks/paper_table.py --out /tmp/fedlsc-paper-table --table-only  # rebuild
 
 Presets (Hydra overrides of ``conf/``, the one source of truth):
+  recipe — the main job's recipe, conf/'s defaults: EfficientNet-Lite0-SA (ImageNet), 96 px,
+          whole local epochs, 4 rounds.
   cpu   — 32 px images, 10 batches of 32 per local epoch, 4 rounds: sized for a 2-core CPU.
   paper — ``+experiment=paper``: Res2Net50-SA, 224 px, whole local epochs, 50 rounds.
 """
@@ -54,6 +56,9 @@ PRESETS: dict[str, list[str]] = {
             "training.balanced_sampling=false",
             "num_server_rounds=4", "target_accuracies='0.6,0.65,0.7'"],
     "paper": ["+experiment=paper"],
+    # The main job's recipe as conf/ holds it (EfficientNet-Lite0-SA from ImageNet, 96 px,
+    # 4 rounds x 1 local epoch, Adam 5e-4, balanced batches): the recipe that learns on CPU.
+    "recipe": [],
 }
 SPLIT_OVERRIDES: dict[str, list[str]] = {
     "dirichlet": ["partition=dirichlet"],
