@@ -76,13 +76,14 @@ class Job:
     kind: str
     method: str
     seed: int
+    preset: str = "recipe-lite"
 
     def folder(self, out: Path) -> Path:
         return out / f"sites{self.sites}" / self.kind / self.method / f"seed{self.seed}"
 
     def overrides(self, extra: Sequence[str] = ()) -> list[str]:
         n = self.sites
-        return [*pt.PRESETS["cpu"], "partition=dirichlet", f"partition.num_partitions={n}",
+        return [*pt.PRESETS[self.preset], "partition=dirichlet", f"partition.num_partitions={n}",
                 f"min_available_nodes={n}", f"min_train_nodes={n}", *METHODS[self.method],
                 *KINDS[self.kind], f"attack.site={BAD_SITE}", f"seed={self.seed}", *extra]
 
@@ -109,9 +110,9 @@ EXTENDED: list[tuple[int, tuple[str, ...], tuple[str, ...]]] = [
 
 
 def plan(seeds: Sequence[int], sweep: Sequence[tuple[int, Sequence[str], Sequence[str]]]
-         = SWEEP) -> list[Job]:
+         = SWEEP, preset: str = "recipe-lite") -> list[Job]:
     """Seed-major within each block, so a sweep stopped early holds whole seeds."""
-    return [Job(n, kind, method, seed) for n, kinds, methods in sweep for seed in seeds
+    return [Job(n, kind, method, seed, preset) for n, kinds, methods in sweep for seed in seeds
             for kind in kinds for method in methods]
 
 
@@ -529,6 +530,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="run only these cells, e.g. 3:poison:fedlsc (any part may be *)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="extra Hydra overrides for every run")
+    parser.add_argument("--preset", choices=sorted(pt.PRESETS), default="recipe-lite",
+                        help="the paper-table driver's preset every run starts from (one "
+                             "preset per OUT folder)")
     parser.add_argument("--extended", action="store_true",
                         help="after the planned sweep, the cells it leaves out (EXTENDED)")
     parser.add_argument("--attempts", type=int, default=2,
@@ -556,7 +560,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         data = f"dataset.data_dir={resolve_data_dir('')}"
         args.set = [data, *args.set] if not any("data_dir" in s for s in args.set) else args.set
         blocks = SWEEP + (EXTENDED if args.extended else [])
-        jobs = [j for j in plan(args.seeds, blocks) if _selected(j, args.only)]
+        jobs = [j for j in plan(args.seeds, blocks, args.preset) if _selected(j, args.only)]
         print(f"{len(jobs)} runs, out {out}, FLWR_HOME {home}", flush=True)
         try:
             run_sweep(out, jobs, args.set, args.attempts, args.transport)

@@ -59,6 +59,11 @@ PRESETS: dict[str, list[str]] = {
     # The main job's recipe as conf/ holds it (EfficientNet-Lite0-SA from ImageNet, 96 px,
     # 4 rounds x 1 local epoch, Adam 5e-4, balanced batches): the recipe that learns on CPU.
     "recipe": [],
+    # The recipe cut for sweeps of many runs on a 2-core CPU (the bad-site benchmark): the
+    # same pretrained network and optimiser at 64 px, 30 batches of 32 per local epoch,
+    # 3 rounds.
+    "recipe-lite": ["dataset.image_size=64", "training.max_batches_per_epoch=30",
+                    "num_server_rounds=3"],
 }
 SPLIT_OVERRIDES: dict[str, list[str]] = {
     "dirichlet": ["partition=dirichlet"],
