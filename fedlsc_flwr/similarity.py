@@ -172,14 +172,19 @@ def one_blas_thread() -> contextlib.AbstractContextManager[object]:
     return _blas.limit(limits=1, user_api="blas")
 
 
-#: Largest (N, P) update matrix, in float32 elements (4 MiB), that a layer is computed
-#: from whole: one pass over the clients' tensors, then passes over a matrix that stays
-#: in cache. A larger layer is streamed a block of columns at a time (passes over the
-#: clients' tensors, nothing of size N·P allocated): the whole matrix of ResNet-10t's
-#: largest layer was 0.9 GB at N = 100, fresh pages every round, and FedLSC measured
-#: 1.4-3x Flower's FedAvg from N = 30 on. Between 4 and 32 MiB the two ways measured
-#: the same within this machine's noise.
+#: Largest (N, P) update matrix, in float32 elements, that a layer is computed from
+#: whole (one pass over the clients' tensors, then passes over the matrix with BLAS):
+#: 128 MiB for up to FEW_CLIENTS clients, 4 MiB beyond. A larger layer is streamed a
+#: block of columns at a time (passes over the clients' tensors, nothing of size N·P
+#: allocated). Measured on this 2-core machine, FedLSC / Flower FedAvg time, medians of
+#: 7-11 interleaved calls: with few clients the whole matrices are faster (Res2Net50,
+#: N = 3: 0.82-0.86 whole, 1.02 streamed from 4 MiB; N = 10: 0.82 whole, 1.05
+#: streamed); from N = 30 on they are not (ResNet-10t, N = 30: 1.90 all whole, 1.01
+#: streamed from 4 MiB; N = 100: 2.93 and 0.98 — the largest layer's matrix is 0.9 GB
+#: there, fresh pages every round).
 MATRIX_ELEMENTS = 1 << 20
+FEW_CLIENTS_MATRIX_ELEMENTS = 1 << 25
+FEW_CLIENTS = 16
 #: Float32 elements of a streamed block: it stays in cache.
 BLOCK_ELEMENTS = 1 << 20
 #: Columns per block at least: fewer would make per-call overhead dominate at large N.
@@ -193,7 +198,8 @@ def block_columns(n: int) -> int:
 
 def streams(n: int, layer: Layer) -> bool:
     """Is ``layer`` aggregated a block at a time for ``n`` clients (see MATRIX_ELEMENTS)?"""
-    return n * layer.size > MATRIX_ELEMENTS
+    limit = FEW_CLIENTS_MATRIX_ELEMENTS if n <= FEW_CLIENTS else MATRIX_ELEMENTS
+    return n * layer.size > limit
 
 
 def update_blocks(

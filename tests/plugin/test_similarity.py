@@ -187,6 +187,7 @@ def test_streamed_aggregation_equals_the_whole_matrix(n, monkeypatch):
             yield item
 
     monkeypatch.setattr(similarity, "MATRIX_ELEMENTS", 10)
+    monkeypatch.setattr(similarity, "FEW_CLIENTS", 0)
     monkeypatch.setattr(similarity, "BLOCK_ELEMENTS", 10)
     monkeypatch.setattr(similarity, "MIN_BLOCK_COLUMNS", 7)
     monkeypatch.setattr(similarity, "update_blocks", counting)
@@ -217,6 +218,7 @@ def test_given_update_norms_replace_the_norm_pass(monkeypatch):
     g, clients = _states(4, np.random.default_rng(7))
     layers = group_layers(g)
     monkeypatch.setattr(similarity, "MATRIX_ELEMENTS", 10)
+    monkeypatch.setattr(similarity, "FEW_CLIENTS", 0)
     monkeypatch.setattr(similarity, "BLOCK_ELEMENTS", 10)
     monkeypatch.setattr(similarity, "MIN_BLOCK_COLUMNS", 7)
     measured, measured_reports = aggregate_layers(g, clients, layers, 0.3)

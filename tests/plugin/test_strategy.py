@@ -508,6 +508,7 @@ def test_fedlsc_measures_update_norms_only_for_the_layers_it_streams(n, monkeypa
     default = similarity.MATRIX_ELEMENTS
     for matrix_elements in (default, 10):  # whole matrices; streamed
         monkeypatch.setattr(similarity, "MATRIX_ELEMENTS", matrix_elements)
+        monkeypatch.setattr(similarity, "FEW_CLIENTS", 0)
         monkeypatch.setattr(similarity, "BLOCK_ELEMENTS", 16)
         monkeypatch.setattr(similarity, "MIN_BLOCK_COLUMNS", 5)
         strategy = FedLSC(temperature=0.2, personalized_ratio=0.0)
