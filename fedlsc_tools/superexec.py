@@ -44,6 +44,8 @@ from flwr.supercore.superexec.executor import ExecutionSpec, LaunchResult
 from flwr.supercore.superexec.plugin import AutoExecPlugin
 from flwr.supercore.tls import validate_and_resolve_root_certificates
 
+from fedlsc_common.transport import retry_object_pulls_sooner
+
 #: What a ClientApp of this project imports that costs seconds: loaded once, here.
 PRELOAD = ("numpy", "PIL.Image", "torch", "torchvision.transforms.v2", "timm",
            "flwr.clientapp", "flwr.supernode.runtime.run_clientapp")
@@ -113,6 +115,10 @@ def _run_clientapp_child(spec: ExecutionSpec) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         sys.argv = ["flwr-clientapp"]
         from flwr.supernode.runtime.run_clientapp import run_clientapp
+
+        # forked within a second of the task, it may ask before its SuperNode has the
+        # whole message: retry sooner than Flower's 1, 2, 4, 8 s (see the module)
+        retry_object_pulls_sooner()
 
         log(INFO, "Start `flwr-clientapp` process (forked from warm SuperExec %s)",
             os.getppid())

@@ -20,6 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedlsc_common.classes import CLASSES, IMAGENET_MEAN, IMAGENET_STD
 from fedlsc_common.settings import ConfigError, Settings, resolve_data_dir, resolve_results_dir
 from fedlsc_common.storage import FolderInUse, atomic_write_text, load_checkpoint, lock_folder
+from fedlsc_common.transport import retry_object_pulls_sooner
 from fedlsc_flwr.metrics import pooled_evaluate_metrics
 from fedlsc_flwr.model import build_model
 from fedlsc_flwr.wire import array_from_numpy
@@ -101,6 +102,7 @@ def main(grid: Grid, context: Context) -> None:
         log(ERROR, "Configuration error: %s", err)
         raise
     wait_for_sites(grid, settings.min_available_nodes, settings.wait_for_sites_seconds)
+    retry_object_pulls_sooner()  # replies are pulled as they arrive (MeteredGrid)
     metered = MeteredGrid(grid)
     recorded = RecordedStrategy(strategy, lambda server_round: settings.evaluates(
         server_round + done))

@@ -27,8 +27,8 @@ from fedlsc_flwr.similarity import (
     average_layers,
     check_granularity,
     group_layers,
-    is_buffer,
     one_blas_thread,
+    streams,
 )
 from fedlsc_flwr.strategy.site_tracking import SiteTracking
 from fedlsc_flwr.wire import (
@@ -189,14 +189,15 @@ class PersonalizedFedAvg(SiteTracking, FedAvg):
         expected = {k: self._global[k] for k in self._sent_keys}
         global_views = {k: array_view(v) for k, v in expected.items()}
         float32_sizes = [v.size for v in global_views.values() if v.dtype == np.float32]
-        measure = self.measures_updates or self.max_update_norm_ratio > 0
-        scratch = np.empty(min(max(float32_sizes, default=0), _SCRATCH_ELEMENTS) if measure
+        measured = self._measured_keys(len(valid))
+        scratch = np.empty(min(max(float32_sizes, default=0), _SCRATCH_ELEMENTS) if measured
                            else 0, np.float32)
         accepted: list[Message] = []
         norms: list[float] = []
         server_round = self.current_round
         for msg in valid:
-            problem, state, squared = self._check_reply(msg, expected, global_views, scratch)
+            problem, state, squared = self._check_reply(msg, expected, global_views, scratch,
+                                                        measured)
             if problem:
                 self._failed("train", server_round, msg.metadata.src_node_id,
                              f"dropped the reply: {problem}")
@@ -223,11 +224,12 @@ class PersonalizedFedAvg(SiteTracking, FedAvg):
     def _check_reply(
         self, msg: Message, expected: Mapping[str, Array],
         global_views: Mapping[str, np.ndarray], scratch: np.ndarray,
+        measured: frozenset[str] = frozenset(),
     ) -> tuple[str | None, dict[str, np.ndarray], dict[str, float]]:
         """Why a reply cannot be aggregated (None if it can), its arrays as views, and
-        ||Δw||² of each parameter tensor when updates are measured (``scratch`` is not
-        empty): the norm filter and FedLSC's similarities need them, and this pass reads
-        every value anyway to find NaN/Inf."""
+        ||Δw||² of the parameter tensors in ``measured``: the norm filter and FedLSC's
+        streamed layers need them, and this pass reads every value anyway to find
+        NaN/Inf."""
         content = msg.content
         if self.arrayrecord_key not in content.array_records:
             return f"no ArrayRecord under '{self.arrayrecord_key}'", {}, {}
@@ -267,7 +269,7 @@ class PersonalizedFedAvg(SiteTracking, FedAvg):
                     return f"key '{key}' has an unusable update scale {exponent!r}", {}, {}
                 value = decode_update(value, global_views[key], exponent)
             if np.issubdtype(value.dtype, np.floating):
-                if is_buffer(key) or not scratch.size:
+                if key not in measured:
                     finite = _all_finite(value)
                 else:
                     step = _squared_distance(value, global_views[key], scratch)
@@ -280,6 +282,20 @@ class PersonalizedFedAvg(SiteTracking, FedAvg):
                     return f"key '{key}' holds an update too large to measure", {}, {}
             state[key] = value
         return None, state, squared
+
+    def _measured_keys(self, num_replies: int) -> frozenset[str]:
+        """Parameter tensors whose ||Δw||² the reply check measures: all of them for the
+        norm filter; for FedLSC (:attr:`measures_updates`) those of the layers it will
+        stream with this many replies (the others it computes from a whole matrix)."""
+        assert self._global is not None
+        layers = [layer for layer in self._layers(self._global)
+                  if layer.name not in self.personalized_layers]
+        if self.max_update_norm_ratio > 0:
+            return frozenset(k for layer in layers for k in layer.params)
+        if self.measures_updates:
+            return frozenset(k for layer in layers if streams(num_replies, layer)
+                             for k in layer.params)
+        return frozenset()
 
     # ------------------------------------------------------------------ state
     def _layers(self, arrays: ArrayRecord) -> list[Layer]:

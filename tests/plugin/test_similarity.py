@@ -186,6 +186,8 @@ def test_streamed_aggregation_equals_the_whole_matrix(n, monkeypatch):
             blocks.append(item[:3])
             yield item
 
+    monkeypatch.setattr(similarity, "MATRIX_ELEMENTS", 10)
+    monkeypatch.setattr(similarity, "FEW_CLIENTS", 0)
     monkeypatch.setattr(similarity, "BLOCK_ELEMENTS", 10)
     monkeypatch.setattr(similarity, "MIN_BLOCK_COLUMNS", 7)
     monkeypatch.setattr(similarity, "update_blocks", counting)
@@ -215,6 +217,8 @@ def test_given_update_norms_replace_the_norm_pass(monkeypatch):
 
     g, clients = _states(4, np.random.default_rng(7))
     layers = group_layers(g)
+    monkeypatch.setattr(similarity, "MATRIX_ELEMENTS", 10)
+    monkeypatch.setattr(similarity, "FEW_CLIENTS", 0)
     monkeypatch.setattr(similarity, "BLOCK_ELEMENTS", 10)
     monkeypatch.setattr(similarity, "MIN_BLOCK_COLUMNS", 7)
     measured, measured_reports = aggregate_layers(g, clients, layers, 0.3)

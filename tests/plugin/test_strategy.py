@@ -489,3 +489,35 @@ def test_scaled_float16_deltas_keep_tiny_updates():
             step = a32[key].numpy().astype(np.float64) - value
             got = a16[key].numpy().astype(np.float64) - value
             assert np.linalg.norm(got - step) <= 0.01 * np.linalg.norm(step) + 1e-7, key
+
+
+
+@pytest.mark.parametrize("n", [3, 7])
+def test_fedlsc_measures_update_norms_only_for_the_layers_it_streams(n, monkeypatch):
+    """The reply check measures ||Δw||² (one more subtraction per value) only for the
+    layers the aggregation streams, which take their norms from it; streamed or whole,
+    the result is Eq. 1-5 (the loop-by-loop reference)."""
+    from fedlsc_flwr import similarity
+
+    rng = np.random.default_rng(n)
+    g = small_model_state(rng)
+    states = client_states(g, n, rng)
+    replies = [reply(i + 1, s) for i, s in enumerate(states)]
+    expected, _ = reference_fedlsc(g, states, 0.2, 0.0)
+    results = {}
+    default = similarity.MATRIX_ELEMENTS
+    for matrix_elements in (default, 10):  # whole matrices; streamed
+        monkeypatch.setattr(similarity, "MATRIX_ELEMENTS", matrix_elements)
+        monkeypatch.setattr(similarity, "FEW_CLIENTS", 0)
+        monkeypatch.setattr(similarity, "BLOCK_ELEMENTS", 16)
+        monkeypatch.setattr(similarity, "MIN_BLOCK_COLUMNS", 5)
+        strategy = FedLSC(temperature=0.2, personalized_ratio=0.0)
+        configure(strategy, g, nodes=range(1, n + 1))
+        results[matrix_elements] = strategy._measured_keys(n)
+        arrays, _ = strategy.aggregate_train(1, replies)
+        for key, value in expected.items():
+            np.testing.assert_allclose(arrays[key].numpy(), value, rtol=2e-5, atol=2e-6,
+                                       err_msg=f"{key} (MATRIX_ELEMENTS={matrix_elements})")
+    assert results[default] == frozenset()
+    assert {"stem.weight", "block.conv.weight"} <= results[10]
+    assert "stem_bn.running_mean" not in results[10]  # buffers are never compared

@@ -1,0 +1,33 @@
+"""Object pulls retry sooner than Flower's defaults, in the processes that ask for it."""
+
+from __future__ import annotations
+
+from flwr.supercore.inflatable import inflatable_utils
+
+from fedlsc_common.transport import BACKOFF_CAP, INITIAL_BACKOFF, retry_object_pulls_sooner
+
+
+def test_object_pulls_retry_after_a_tenth_of_a_second(monkeypatch):
+    functions = (inflatable_utils.pull_objects,
+                 inflatable_utils.pull_and_inflate_object_from_tree)
+    for f in functions:  # restored after the test
+        monkeypatch.setattr(f, "__kwdefaults__", dict(f.__kwdefaults__))
+    assert inflatable_utils.pull_objects.__kwdefaults__["initial_backoff"] == 1  # Flower's
+    assert retry_object_pulls_sooner()
+    for f in functions:
+        assert f.__kwdefaults__["initial_backoff"] == INITIAL_BACKOFF
+        assert f.__kwdefaults__["backoff_cap"] == BACKOFF_CAP
+    # a pull that finds its object missing twice now returns within a second
+    calls = []
+
+    def pull(object_id):
+        calls.append(object_id)
+        if len(calls) < 3:
+            raise inflatable_utils.ObjectUnavailableError(object_id)
+        return b"content"
+
+    import time
+
+    start = time.monotonic()
+    assert inflatable_utils.pull_objects(["a"], pull) == {"a": b"content"}
+    assert time.monotonic() - start < 1.0 and len(calls) == 3
