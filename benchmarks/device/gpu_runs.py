@@ -9,7 +9,7 @@
         accuracy and balanced accuracy.
 
     python benchmarks/device/gpu_runs.py table --out DIR --seconds 450 --parallel 10
-        The paper table (benchmarks/paper_table.py --preset recipe) with one driver process
+        The paper table (benchmarks/paper_table.py --preset recipe-4x1) with one driver process
         per (split, seed), all at once on the one GPU; stopped at SECONDS, then the table is
         rebuilt from the runs that finished.
 
@@ -115,7 +115,7 @@ def run_table(out: Path, seconds: float, parallel: int, seeds: list[int],
             split, seed = pending.pop(0)
             log = open(out / f"driver-{split}-seed{seed}.log", "w")
             command = [sys.executable, str(ROOT / "benchmarks" / "paper_table.py"),
-                       "--preset", "recipe", "--transport", "inprocess", "--out",
+                       "--preset", "recipe-4x1", "--transport", "inprocess", "--out",
                        str(out / "table"), "--flwr-home", str(out / f"fh-{split}-{seed}"),
                        "--splits", split, "--seeds", str(seed), "--methods", *methods]
             if overrides:
