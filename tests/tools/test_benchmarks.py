@@ -77,11 +77,15 @@ def test_presets_compose_into_valid_settings(preset):
     assert settings.strategy.name == "fedprox-fc" and settings.seed == 2
     assert settings.partition.name == "site"
     assert settings.min_available_nodes == settings.partition.num_partitions == 4
-    if preset == "paper":
-        assert (settings.model.backbone, settings.dataset.image_size,
-                settings.num_server_rounds) == ("res2net50_sa", 224, 50)
-    else:
-        assert settings.dataset.image_size == 32 and settings.training.max_batches_per_epoch > 0
+    expected = {  # (backbone, image size, rounds, batches per local epoch; 0 = all)
+        "paper": ("res2net50_sa", 224, 50, 0),
+        "cpu": ("resnet10t_sa", 32, 4, 10),
+        "recipe": ("efficientnet_lite0_sa", 96, 12, 40),
+        "recipe-4x1": ("efficientnet_lite0_sa", 96, 4, 0),
+        "recipe-lite": ("efficientnet_lite0_sa", 64, 3, 30),
+    }
+    assert (settings.model.backbone, settings.dataset.image_size, settings.num_server_rounds,
+            settings.training.max_batches_per_epoch) == expected[preset]
 
 
 def _fake_run(out: Path, split: str, method: str, seed: int, accs: list[float]) -> None:

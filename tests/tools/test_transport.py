@@ -10,9 +10,12 @@ from fedlsc_common.transport import BACKOFF_CAP, INITIAL_BACKOFF, retry_object_p
 def test_object_pulls_retry_after_a_tenth_of_a_second(monkeypatch):
     functions = (inflatable_utils.pull_objects,
                  inflatable_utils.pull_and_inflate_object_from_tree)
-    for f in functions:  # restored after the test
-        monkeypatch.setattr(f, "__kwdefaults__", dict(f.__kwdefaults__))
-    assert inflatable_utils.pull_objects.__kwdefaults__["initial_backoff"] == 1  # Flower's
+    for f in functions:  # Flower's own defaults here (an in-process ServerApp run of an
+        # earlier test may have shortened them in this process); restored after the test
+        monkeypatch.setattr(f, "__kwdefaults__", dict(
+            f.__kwdefaults__, initial_backoff=inflatable_utils.PULL_INITIAL_BACKOFF,
+            backoff_cap=inflatable_utils.PULL_BACKOFF_CAP))
+    assert inflatable_utils.PULL_INITIAL_BACKOFF == 1  # Flower 1.42's 1, 2, 4, 8 s
     assert retry_object_pulls_sooner()
     for f in functions:
         assert f.__kwdefaults__["initial_backoff"] == INITIAL_BACKOFF
