@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import time
 import tomllib
@@ -67,7 +66,7 @@ METHODS: dict[str, list[str]] = {
     "multikrum": ["strategy=multikrum", "strategy.num_malicious_nodes=1"],
 }
 REPORTING = ("fedlsc", "fedlsc-exclude", "fedlsc-nofilter")  # methods with the agreement report
-PORT = ("127.0.0.1", 39091)
+PORT = ("127.0.0.1", 39091)  # fedlsc_tools.processes.LOCAL_SUPERLINK
 
 
 @dataclass(frozen=True)
@@ -118,19 +117,11 @@ def plan(seeds: Sequence[int], sweep: Sequence[tuple[int, Sequence[str], Sequenc
 
 # ---------------------------------------------------------------------- running
 def port_owner(address: tuple[str, int] = PORT) -> str | None:
-    """The command line of whatever listens on ``address`` (Flower's local SuperLink port),
-    "an unknown process" if it is not a SuperLink, or None when nothing listens."""
-    with socket.socket() as s:
-        if s.connect_ex(address) != 0:
-            return None
-    for proc in Path("/proc").iterdir():
-        try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if "flower-superlink" in cmd and f"--port {address[1]}" in cmd:
-            return cmd
-    return "an unknown process"
+    """What listens on ``address`` (Flower's local SuperLink port): see
+    :func:`fedlsc_tools.processes.local_superlink_owner`."""
+    from fedlsc_tools.processes import local_superlink_owner
+
+    return local_superlink_owner(address)
 
 
 def wait_for_port(home: Path, poll_s: float = 30.0) -> None:

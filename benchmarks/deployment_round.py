@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import socket
 import statistics
@@ -206,22 +205,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def stop_processes_naming(marker: str) -> None:
-    """SIGTERM the processes whose command line names ``marker`` (our FLWR_HOME), only."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if marker in cmdline:
-            try:
-                os.kill(int(proc.name), signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-
-
 def run_deployment(work: Path, cfg: dict[str, Any], sites: int) -> Path:
     from fedlsc_common.settings import resolve_data_dir, to_run_config
     from fedlsc_tools.loopback import LoopbackFederation, hospital_folders
@@ -246,6 +229,7 @@ def run_simulation(work: Path, cfg: dict[str, Any], sites: int) -> Path:
 
     from fedlsc_common.settings import project_root, run_config_toml, to_run_config
     from fedlsc_tools.cli import flower_env
+    from fedlsc_tools.processes import stop_processes_naming
 
     home = work / "flwr-home"
     home.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -203,20 +202,9 @@ def run_all(out: Path, runs: Sequence[tuple[str, str, int]], preset: str,
 def stop_local_superlink(flwr_home: Path) -> None:
     """SIGTERM the processes whose command line names this FLWR_HOME (the detached local
     SuperLink `flwr run` started for this sweep), and no other."""
-    marker = str(flwr_home)
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if marker in cmdline:
-            print(f"stopping process {proc.name}: {cmdline[:120]}", flush=True)
-            try:
-                os.kill(int(proc.name), signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+    from fedlsc_tools.processes import stop_processes_naming
+
+    stop_processes_naming(str(flwr_home), announce=True)
 
 
 # ------------------------------------------------------------------- table + plots

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from fedlsc_tools.processes import LOCAL_SUPERLINK, local_superlink_owner
+
 
 @pytest.fixture
 def task_identity():
@@ -61,27 +63,6 @@ def stop_processes():
                 pass
 
     return stop
-
-
-#: `flwr run` in simulation starts (or reuses!) a local SuperLink on this fixed address.
-LOCAL_SUPERLINK = ("127.0.0.1", 39091)
-
-
-def local_superlink_owner() -> str | None:
-    """The command line of whatever listens on Flower's local SuperLink port, if anything."""
-    import socket
-
-    with socket.socket() as s:
-        if s.connect_ex(LOCAL_SUPERLINK) != 0:
-            return None
-    for proc in Path("/proc").iterdir():
-        try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if "flower-superlink" in cmd and "--simulation" in cmd:
-            return f"pid {proc.name}: {cmd.strip()}"
-    return "an unknown process"
 
 
 @pytest.fixture(scope="module")
