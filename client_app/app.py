@@ -30,6 +30,7 @@ from client_app.site import Site, apply_thread_setting, site_name
 from client_app.training import confusion_matrix
 from fedlsc_common.classes import CLASSES
 from fedlsc_flwr.metrics import classification_metrics
+from fedlsc_flwr.packing import packed_arrays_mod
 from fedlsc_flwr.wire import (
     PERSONALIZED_LAYERS_KEY,
     PROXIMAL_MU_KEY,
@@ -47,7 +48,7 @@ from fedlsc_flwr.wire import (
 if TYPE_CHECKING:
     import torch
 
-app = ClientApp()
+app = ClientApp(mods=[packed_arrays_mod])  # a model travels as one Array
 IMPORTED = time.time()
 _first_message = True  # the first message this process handles pays its start-up
 

@@ -23,6 +23,8 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedlsc_flwr.packing import packed_arrays_mod
+
 
 class InProcessGrid(Grid):
     """Delivers messages to in-process sites: ``{node_id: Context}``."""
@@ -71,8 +73,8 @@ class InProcessGrid(Grid):
                    MessageType.EVALUATE: client_app.evaluate}[message.metadata.message_type]
         context = self.contexts[message.metadata.dst_node_id]
         TaskIdentity.node_id = message.metadata.dst_node_id
-        try:
-            return handler(message, context)
+        try:  # through the ClientApp's mods, as Flower calls it
+            return packed_arrays_mod(message, context, handler)
         except Exception as err:  # a SuperNode sends the failure back as an error reply
             return Message(Error(code=0, reason=f"{type(err).__name__}: {err}"),
                            reply_to=message)

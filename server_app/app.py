@@ -23,6 +23,7 @@ from fedlsc_common.storage import FolderInUse, atomic_write_text, load_checkpoin
 from fedlsc_common.transport import retry_object_pulls_sooner
 from fedlsc_flwr.metrics import pooled_evaluate_metrics
 from fedlsc_flwr.model import build_model
+from fedlsc_flwr.packing import PackingGrid
 from fedlsc_flwr.wire import array_from_numpy
 from server_app.recorder import (
     MeteredGrid,
@@ -103,7 +104,7 @@ def main(grid: Grid, context: Context) -> None:
         raise
     wait_for_sites(grid, settings.min_available_nodes, settings.wait_for_sites_seconds)
     retry_object_pulls_sooner()  # replies are pulled as they arrive (MeteredGrid)
-    metered = MeteredGrid(grid)
+    metered = MeteredGrid(PackingGrid(grid))  # a model travels as one Array
     recorded = RecordedStrategy(strategy, lambda server_round: settings.evaluates(
         server_round + done))
     recorder = RunRecorder(

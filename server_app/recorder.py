@@ -28,6 +28,7 @@ from flwr.serverapp.strategy import Strategy
 from fedlsc_common.settings import ConfigError
 from fedlsc_common.storage import atomic_write_json, atomic_write_text, save_checkpoint, save_model
 from fedlsc_flwr.metrics import MODEL_GROUPS
+from fedlsc_flwr.packing import send_and_receive_by_polling
 from fedlsc_flwr.strategy import SiteTracking
 from fedlsc_flwr.wire import TIMING_RECORD_KEY, message_bytes, site_name_in
 from server_app.plots import (
@@ -45,7 +46,9 @@ class MeteredGrid:
     ``send_and_receive`` pushes the messages and pulls replies every ``poll_interval``
     seconds through the Grid's own ``push_messages``/``pull_messages``: Flower 1.42's
     deployment Grid waits a fixed 3 s between pulls, so a round's last reply waited
-    1.5 s on average, twice a round (the simulation's Grid polls every 0.1 s).
+    1.5 s on average, twice a round (the simulation's Grid polls every 0.1 s). It counts
+    the bytes of the arrays as the strategy sees them: wrap it around a
+    :class:`~fedlsc_flwr.packing.PackingGrid`, not inside one.
     """
 
     def __init__(self, grid: Any, poll_interval: float = 0.2) -> None:
@@ -63,28 +66,13 @@ class MeteredGrid:
         kind = "train" if messages and messages[0].metadata.message_type == MessageType.TRAIN \
             else "evaluate"
         self.marks[f"{kind}-sent"] = time.time()
-        replies = self._send_and_receive(messages, timeout)
+        replies = send_and_receive_by_polling(self._grid, messages, timeout,
+                                              self.poll_interval)
         self.marks[f"{kind}-replied"] = time.time()
         self.traffic[f"{kind}-sent"] = self.traffic.get(f"{kind}-sent", 0) + sum(
             message_bytes(m) for m in messages)
         self.traffic[f"{kind}-received"] = self.traffic.get(f"{kind}-received", 0) + sum(
             message_bytes(m) for m in replies)
-        return replies
-
-    def _send_and_receive(self, messages: list[Message], timeout: float | None
-                          ) -> list[Message]:
-        """Flower's ``Grid.send_and_receive`` (push, then pull until every message is
-        answered or ``timeout`` passes), pulling every ``poll_interval`` seconds."""
-        waiting = set(self._grid.push_messages(messages))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        replies: list[Message] = []
-        while waiting:
-            pulled = list(self._grid.pull_messages(waiting))
-            replies += pulled
-            waiting -= {m.metadata.reply_to_message_id for m in pulled}
-            if not waiting or (deadline is not None and time.monotonic() >= deadline):
-                break
-            time.sleep(self.poll_interval)
         return replies
 
     def take_traffic(self) -> dict[str, int]:
