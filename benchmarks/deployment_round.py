@@ -205,6 +205,23 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def warm_image_caches(run_config: Mapping[str, Any],
+                      node_configs: Sequence[Mapping[str, Any]], name: str) -> None:
+    """Decode every site's images into the decode cache before the run, as the ClientApp
+    would (same code, same cache keys): the deployment's site folders are new paths, so
+    its first round would otherwise decode while the simulation's reads a warm cache.
+    Both runs then start as a hospital that has trained before."""
+    from client_app.site import Site
+
+    start = time.monotonic()
+    for node_config in node_configs:
+        site = Site.for_run(run_config, node_config, run_id=0)
+        site.loader("train")
+        site.loader("test")
+    print(f"{name}: image caches of {len(node_configs)} sites ready in "
+          f"{time.monotonic() - start:.1f} s", flush=True)
+
+
 def run_deployment(work: Path, cfg: dict[str, Any], sites: int) -> Path:
     from fedlsc_common.settings import resolve_data_dir, to_run_config
     from fedlsc_tools.loopback import LoopbackFederation, hospital_folders
@@ -215,6 +232,8 @@ def run_deployment(work: Path, cfg: dict[str, Any], sites: int) -> Path:
     config = to_run_config(cfg)
     config["results-dir"] = str(work / "results")
     with LoopbackFederation(work, hospitals, tls=True, auth=True) as federation:
+        warm_image_caches(config, [federation.node_config(i, h)
+                                   for i, h in enumerate(hospitals)], "deployment")
         print(f"deployment: SuperLink on 127.0.0.1:{federation.port}, {sites} SuperNodes, "
               f"TLS and node auth; logs in {work / 'logs'}", flush=True)
         outcome = federation.run(config, timeout=7200)
@@ -237,6 +256,8 @@ def run_simulation(work: Path, cfg: dict[str, Any], sites: int) -> Path:
     config["results-dir"] = str(work / "results")
     config["site-output-dir"] = str(work / "sites")
     (work / "run_config.toml").write_text(run_config_toml(config))
+    warm_image_caches(config, [{"partition-id": i, "num-partitions": sites}
+                               for i in range(sites)], "simulation")
     # Our own local SuperLink on free ports (Flower's variables), not the shared 39091:
     # a run sent there could be served by another checkout's SuperLink.
     env = {**flower_env(), "FLWR_HOME": str(home),

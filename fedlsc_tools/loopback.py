@@ -1,7 +1,8 @@
 """A real Flower deployment on one machine: SuperLink + one SuperNode per hospital.
 
 ``LoopbackFederation`` starts ``flower-superlink`` (TLS, SuperNode authentication) and
-one ``flower-supernode`` per site on 127.0.0.1, each given only its own data folder and
+one SuperNode per site on 127.0.0.1 (``flower-supernode`` with 0.25-s idle polls:
+:mod:`fedlsc_tools.supernode`), each given only its own data folder and
 output folder through ``--node-config``; runs the app with ``flwr run``, follows it with
 ``flwr ls`` until it ends, and stops every process it started, by PID (process group),
 also when something fails.
@@ -196,17 +197,25 @@ class LoopbackFederation:
         if done.returncode != 0:
             raise DeploymentError(f"registering {name} failed: {done.stdout}{done.stderr}")
 
+    def node_config(self, index: int, site: Hospital) -> dict[str, Any]:
+        """The ``--node-config`` of ``site`` as partition ``index``: its own folders, its
+        share of the cores."""
+        return {"partition-id": index, "num-partitions": len(self.sites),
+                "site-name": site.name, "data-dir": str(site.data_dir),
+                "output-dir": str(site.output_dir), "num-threads": self.threads_per_site}
+
     def start_site(self, index: int, site: Hospital, *, register: bool = True,
                    name: str | None = None, log_name: str | None = None) -> subprocess.Popen:
         """One hospital's SuperNode, reading only ``site.data_dir``; its log goes to
         ``logs/<log_name or name>.log``."""
         name = name or site.name
         site.output_dir.mkdir(parents=True, exist_ok=True)
-        node_config = (f"partition-id={index} num-partitions={len(self.sites)} "
-                       f"site-name='{site.name}' data-dir='{site.data_dir}' "
-                       f"output-dir='{site.output_dir}' num-threads={self.threads_per_site}")
+        node_config = " ".join(f"{k}='{v}'" if isinstance(v, str) else f"{k}={v}"
+                               for k, v in self.node_config(index, site).items())
         runtime_port = free_port()
-        command = ["flower-supernode", "--superlink", f"127.0.0.1:{self.port}",
+        # flower-supernode with 0.25-s idle polls (fedlsc_tools.supernode)
+        command = [sys.executable, "-m", "fedlsc_tools.supernode",
+                   "--superlink", f"127.0.0.1:{self.port}",
                    "--node-config", node_config, "--port", str(runtime_port)]
         command += (["--root-certificates", str(self.certs["ca"])] if self.tls
                     else ["--insecure"])

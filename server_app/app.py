@@ -25,6 +25,7 @@ from fedlsc_flwr.metrics import pooled_evaluate_metrics
 from fedlsc_flwr.model import build_model
 from fedlsc_flwr.packing import PackingGrid
 from fedlsc_flwr.wire import array_from_numpy
+from server_app.plots import PlotWriter
 from server_app.recorder import (
     MeteredGrid,
     RecordedStrategy,
@@ -114,7 +115,8 @@ def main(grid: Grid, context: Context) -> None:
                     "image_size": settings.dataset.image_size,
                     "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
         class_names=list(CLASSES), targets=settings.targets, previous_rows=rows,
-        tensorboard=tensorboard, simulated_attack=attack)
+        tensorboard=tensorboard, simulated_attack=attack,
+        plots=PlotWriter(background=True))  # off the round's critical path
     recorded.start(grid=metered, initial_arrays=arrays, num_rounds=remaining,
                    timeout=float(settings.round_timeout),
                    train_config=ConfigRecord({"round-offset": done}),

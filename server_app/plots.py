@@ -1,9 +1,15 @@
-"""Plots of a run's results (matplotlib, headless); each written atomically as PNG."""
+"""Plots of a run's results (matplotlib, headless); each written atomically as PNG.
+
+Figures are made with matplotlib's object API (``Figure``), not pyplot's global state,
+so the ServerApp can draw them in a background thread (:class:`PlotWriter`)."""
 
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping, Sequence
+import os
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from logging import WARNING
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +17,8 @@ import matplotlib
 import matplotlib.ticker
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 from fedlsc_common.storage import atomic_write  # noqa: E402
 
@@ -20,13 +26,13 @@ from fedlsc_common.storage import atomic_write  # noqa: E402
 def _save(fig: Any, path: str | Path) -> Path:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
     return atomic_write(path, lambda f: f.write(buffer.getvalue()))
 
 
 def plot_accuracy(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str = "") -> Path:
     """Accuracy and balanced accuracy per round, global model and personalized models."""
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     rounds = [r["round"] for r in rows]
     for group, style in (("global", "-"), ("personalized", "--")):
         for metric, color in (("accuracy", "tab:blue"), ("balanced-accuracy", "tab:orange")):
@@ -56,7 +62,8 @@ def plot_similarity_heatmap(report: Mapping[str, Any], path: str | Path) -> Path
     sims = np.array([report["layers"][name]["mean_similarity"] if name in report["layers"]
                      else [np.nan] * width for name in layers])
     height = min(max(3.0, 0.12 * len(layers)), 40.0)
-    fig, ax = plt.subplots(figsize=(2.5 + 1.2 * sims.shape[1], height))
+    fig = Figure(figsize=(2.5 + 1.2 * sims.shape[1], height))
+    ax = fig.subplots()
     cmap = matplotlib.colormaps["RdBu"].copy()
     cmap = cmap.with_extremes(bad="lightgrey")
     image = ax.imshow(np.ma.masked_invalid(sims), aspect="auto", cmap=cmap, vmin=-1, vmax=1,
@@ -105,8 +112,8 @@ def plot_confusion(confusion: Mapping[str, Any], path: str | Path, title: str = 
         raise ValueError("no confusion matrix to plot")
     ncols = max(len(row) for row in panels)
     size = 1.2 + 0.38 * len(classes)
-    fig, axes = plt.subplots(len(panels), ncols, figsize=(size * ncols, size * len(panels)),
-                             squeeze=False)
+    fig = Figure(figsize=(size * ncols, size * len(panels)))
+    axes = fig.subplots(len(panels), ncols, squeeze=False)
     for r, row in enumerate(panels):
         for c in range(ncols):
             ax = axes[r][c]
@@ -139,11 +146,12 @@ def plot_confusion(confusion: Mapping[str, Any], path: str | Path, title: str = 
 def plot_agreement(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str = "") -> Path:
     """Each site's agreement with the others per round (FedLSC's report), one line per
     site; the rule's threshold dotted, rounds where a site was flagged marked with ✕."""
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     reported = [r for r in rows if r.get("agreement")]
     sites = sorted({name for r in reported for name in r["agreement"]["sites"]})
     for j, name in enumerate(sites):
-        color = plt.cm.tab10(j % 10)
+        color = matplotlib.colormaps["tab10"](j % 10)
         mine = [r for r in reported if name in r["agreement"]["sites"]]
         xs = [r["round"] for r in mine]
         ys = [r["agreement"]["sites"][name]["agreement"] for r in mine]
@@ -165,3 +173,73 @@ def plot_agreement(rows: Sequence[Mapping[str, Any]], path: str | Path, title: s
         ax.legend(fontsize=8)
     ax.set_title(title or "site agreement per round (✕ flagged)")
     return _save(fig, path)
+
+
+class PlotWriter:
+    """Draws a run's plots: at once, or (``background=True``) in one low-priority thread
+    off the round's critical path, where the ServerApp would otherwise wait 2-3 s a round
+    for them (measured on the loopback deployment, README "Deployment round cost").
+
+    A plot waiting to be drawn is replaced by a newer one of the same file, so a slow
+    machine draws the latest state instead of a backlog. The thread runs at the lowest
+    CPU priority (Linux nice 19) so that it takes what training leaves. :meth:`close`
+    draws what is still waiting; a failed plot is logged, never fatal. Data handed to
+    :meth:`submit` must not change afterwards (pass copies).
+    """
+
+    def __init__(self, background: bool = False) -> None:
+        self.background = background
+        self._pending: dict[Path, Callable[[], Any]] = {}
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        if background:
+            self._thread = threading.Thread(target=self._work, name="fedlsc-plots",
+                                            daemon=True)
+            self._thread.start()
+
+    def submit(self, path: str | Path, draw: Callable[..., Any], *args: Any,
+               **kwargs: Any) -> None:
+        """Draw ``draw(*args, path, **kwargs)``: now, or soon in the background."""
+        job = lambda: draw(*args, path, **kwargs)  # noqa: E731
+        if not self.background:
+            self._run(Path(path), job)
+            return
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("PlotWriter is closed")
+            self._pending.pop(Path(path), None)  # the newer one goes to the end
+            self._pending[Path(path)] = job
+            self._cond.notify()
+
+    def close(self) -> None:
+        """Draw every plot still waiting, then stop the thread."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    @staticmethod
+    def _run(path: Path, job: Callable[[], Any]) -> None:
+        try:
+            job()
+        except Exception as err:  # noqa: BLE001 - a plot never stops a run
+            from flwr.common.logger import log
+
+            log(WARNING, "Could not draw %s: %s: %s", path, type(err).__name__, err)
+
+    def _work(self) -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except (AttributeError, OSError):
+            pass  # not Linux: the thread keeps the process's priority
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if not self._pending:
+                    return
+                path = next(iter(self._pending))
+                job = self._pending.pop(path)
+            self._run(path, job)

@@ -11,6 +11,7 @@ enough to resume; ``global_model.pt`` a self-describing model file; ``summary.js
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import time
@@ -32,6 +33,7 @@ from fedlsc_flwr.packing import send_and_receive_by_polling
 from fedlsc_flwr.strategy import SiteTracking
 from fedlsc_flwr.wire import TIMING_RECORD_KEY, message_bytes, site_name_in
 from server_app.plots import (
+    PlotWriter,
     plot_accuracy,
     plot_agreement,
     plot_confusion,
@@ -250,8 +252,10 @@ class RunRecorder:
                  model_info: Mapping[str, Any], class_names: list[str],
                  targets: list[float], previous_rows: list[dict[str, Any]] | None = None,
                  tensorboard: TensorBoardLog | None = None,
-                 simulated_attack: Mapping[str, Any] | None = None) -> None:
+                 simulated_attack: Mapping[str, Any] | None = None,
+                 plots: PlotWriter | None = None) -> None:
         self.dir = results_dir
+        self.plots = plots or PlotWriter()  # at once, unless the caller draws them aside
         self.recorded = strategy
         self.strategy = strategy.inner
         self.grid = grid
@@ -301,26 +305,31 @@ class RunRecorder:
             as_json["round"] = true_round
             with open(self.dir / "similarity.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(as_json) + "\n")
-            plot_similarity_heatmap(as_json, self.dir / "similarity_heatmap.png")
+            self.plots.submit(self.dir / "similarity_heatmap.png", plot_similarity_heatmap,
+                              as_json)
             if not self._stage1_done_before and self.strategy.stage1_round == server_round:
-                plot_similarity_heatmap(as_json, self.dir / "similarity_heatmap_stage1.png")
+                self.plots.submit(self.dir / "similarity_heatmap_stage1.png",
+                                  plot_similarity_heatmap, as_json)
         state = self.strategy.state_dict()
         save_checkpoint(self.dir / "checkpoint.pt", server_round=true_round,
                         arrays={k: v.numpy() for k, v in arrays.items()},
                         strategy_state=state, run_config=self.run_config)
-        plot_accuracy(self.rows, self.dir / "accuracy.png", title=self.strategy_name)
+        rows = copy.deepcopy(self.rows)  # the plots may be drawn later
+        self.plots.submit(self.dir / "accuracy.png", plot_accuracy, rows,
+                          title=self.strategy_name)
         if row.get("confusion"):
-            drawn, note = dict(row["confusion"]), ""
+            drawn, note = copy.deepcopy(row["confusion"]), ""
             if not self.global_model_scored:  # as in the log: its layers were never trained
                 drawn.pop("global", None)
                 note = " (global model not scored: some of its layers stay on the sites)"
             if len(drawn) > 1:
-                plot_confusion(drawn, self.dir / "confusion_matrix.png",
-                               title=f"{self.strategy_name}, round {true_round}: held-out "
-                                     f"confusion matrices, colour = share of the true "
-                                     f"class{note}")
+                self.plots.submit(
+                    self.dir / "confusion_matrix.png", plot_confusion, drawn,
+                    title=f"{self.strategy_name}, round {true_round}: held-out confusion "
+                          f"matrices, colour = share of the true class{note}")
         if any(r.get("agreement") for r in self.rows):
-            plot_agreement(self.rows, self.dir / "agreement.png", title=self.strategy_name)
+            self.plots.submit(self.dir / "agreement.png", plot_agreement, rows,
+                              title=self.strategy_name)
         # The round ends here: writing its results is part of it. The row was written
         # before the checkpoint (a resumed run finds a row for every checkpointed round);
         # now again with the round's wall time.
@@ -410,7 +419,8 @@ class RunRecorder:
         return {**report.agreement, "round": true_round}
 
     def finish(self) -> dict[str, Any]:
-        """Final model and summary.json; returns the summary."""
+        """Final model and summary.json (after every plot is drawn); returns the summary."""
+        self.plots.close()
         if self.last_arrays is not None:
             save_model(self.dir / "global_model.pt",
                        {k: v.numpy() for k, v in self.last_arrays.items()},

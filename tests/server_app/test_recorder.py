@@ -408,3 +408,43 @@ def _config():
     from flwr.app import ConfigRecord
 
     return ConfigRecord()
+
+
+def test_background_plots_draw_the_latest_of_each_file_and_all_by_close(tmp_path):
+    import threading
+
+    from server_app.plots import PlotWriter
+
+    gate = threading.Event()
+    drawn: list[tuple[str, int]] = []
+
+    def draw(value, path):
+        gate.wait(10)  # the first plot blocks until the others are queued
+        drawn.append((path.name, value))
+        path.write_text(str(value))
+
+    plots = PlotWriter(background=True)
+    plots.submit(tmp_path / "a.png", draw, 1)
+    for value in (2, 3, 4):  # a.png: 2 and 3 are replaced by 4 while waiting
+        plots.submit(tmp_path / "a.png", draw, value)
+    plots.submit(tmp_path / "b.png", draw, 5)
+    gate.set()
+    plots.close()
+    assert (tmp_path / "a.png").read_text() == "4" and (tmp_path / "b.png").read_text() == "5"
+    assert drawn[-2:] == [("a.png", 4), ("b.png", 5)]
+    assert {value for _, value in drawn} <= {1, 4, 5}  # 2 and 3 were never drawn
+    assert not plots._thread.is_alive()
+
+
+def test_a_plot_that_fails_is_logged_and_the_rest_are_drawn(tmp_path, flwr_logs):
+    from server_app.plots import PlotWriter
+
+    def broken(path):
+        raise ValueError("no data")
+
+    plots = PlotWriter(background=True)
+    plots.submit(tmp_path / "bad.png", broken)
+    plots.submit(tmp_path / "good.png", lambda path: path.write_text("ok"))
+    plots.close()
+    assert (tmp_path / "good.png").read_text() == "ok"
+    assert "Could not draw" in flwr_logs.text and "no data" in flwr_logs.text
