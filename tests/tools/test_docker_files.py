@@ -109,3 +109,18 @@ def test_build_context_holds_only_what_the_image_copies() -> None:
     assert copied == allowed
     for secret in ("docker", ".venv", ".git", "results"):
         assert secret not in allowed
+
+
+def test_hospitals_get_the_fast_path_by_default(base: dict[str, Any]) -> None:
+    """What the loopback deployment measured (README "Deployment round cost") is what
+    the containers run: SuperNodes with short idle polls, warm ClientApp executors, one
+    torch thread per hospital on a shared host."""
+    services = base["services"]
+    for k in HOSPITALS:
+        supernode, executor = services[f"supernode-{k}"], services[f"superexec-clientapp-{k}"]
+        assert supernode["entrypoint"] == ["fedlsc-supernode"]
+        assert supernode["image"] == executor["image"]  # the project's image has the command
+        assert executor["entrypoint"] == ["python", "-m", "fedlsc_tools.superexec"]
+        assert executor["environment"]["FEDLSC_NUM_THREADS"] == "${FEDLSC_NUM_THREADS:-1}"
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert 'fedlsc-supernode = "fedlsc_tools.supernode:main"' in pyproject
