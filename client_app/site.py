@@ -22,7 +22,13 @@ from torch import nn
 from client_app.attack import attack_training_records
 from client_app.data import class_weights, make_loader
 from client_app.partition import load_site_split
-from client_app.training import TrainStats, lr_for_round, resolve_device, train_local
+from client_app.training import (
+    TrainStats,
+    cosine_factor,
+    lr_for_round,
+    resolve_device,
+    train_local,
+)
 from fedlsc_common.classes import CLASSES, IMAGENET_MEAN, IMAGENET_STD
 from fedlsc_common.settings import (
     Settings,
@@ -258,6 +264,8 @@ class Site:
         anchor = {k: v.detach().clone() for k, v in model.named_parameters() if k in shared_keys}
         by_round = t.lr_step_unit == "round"
         lr = lr_for_round(t.lr, server_round, t.lr_step_size, t.lr_gamma) if by_round else t.lr
+        if t.lr_decay == "cosine":
+            lr *= cosine_factor(server_round, self.settings.num_server_rounds)
         # Same shuffling and augmentation for this site and round whichever process runs it.
         round_seed = self.settings.seed * 1000 + server_round
         torch.manual_seed(round_seed)
@@ -269,7 +277,7 @@ class Site:
         stats = train_local(
             model, loader, epochs=t.local_epochs, lr=lr, device=self.device,
             proximal_mu=proximal_mu, anchor=anchor, class_weights=weights,
-            max_batches=t.max_batches_per_epoch,
+            max_batches=t.max_batches_per_epoch, equal_steps=t.equal_local_steps,
             lr_step_epochs=0 if by_round else t.lr_step_size, lr_gamma=t.lr_gamma,
             label=f"{self.identity.name} round {server_round}")
         return stats, lr, num_train

@@ -38,6 +38,13 @@ def lr_for_round(base_lr: float, server_round: int, step_rounds: int, gamma: flo
     return base_lr * gamma ** ((max(server_round, 1) - 1) // step_rounds)
 
 
+def cosine_factor(server_round: int, num_rounds: int) -> float:
+    """(1 + cos(π·(round − 1)/rounds)) / 2: 1 in round 1, decreasing to near 0 in the
+    last round; from the round number, so a restarted site picks up the same value."""
+    progress = (min(max(server_round, 1), num_rounds) - 1) / max(num_rounds, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 @dataclass
 class TrainStats:
     loss: float
@@ -85,6 +92,7 @@ def train_local(
     anchor: Mapping[str, torch.Tensor] | None = None,
     class_weights: torch.Tensor | None = None,
     max_batches: int = 0,
+    equal_steps: bool = False,
     lr_step_epochs: int = 0,
     lr_gamma: float = 0.1,
     log_every_seconds: float = 30.0,
@@ -92,6 +100,8 @@ def train_local(
 ) -> TrainStats:
     """Adam on cross-entropy (+ the proximal term towards ``anchor`` = w_g, by name).
 
+    ``max_batches`` > 0 caps a local epoch at that many batches; with ``equal_steps`` a
+    shorter loader is passed over again until the epoch has run exactly that many.
     ``lr_step_epochs`` > 0: StepLR of this round's local optimizer, lr·γ^⌊(epoch−1)/step⌋
     (the paper's StepLR(10, 0.1) as we read it: see the README).
     """
@@ -111,7 +121,9 @@ def train_local(
         if lr_step_epochs:
             for group in optimizer.param_groups:
                 group["lr"] = lr * lr_gamma ** ((epoch - 1) // lr_step_epochs)
-        for step, (images, labels) in enumerate(loader, start=1):
+        batches_of_epoch = _passes(loader, max_batches) if equal_steps and max_batches \
+            else loader
+        for step, (images, labels) in enumerate(batches_of_epoch, start=1):
             images = inputs_to_device(images, device)
             labels = labels.to(device, non_blocking=True)
             with autocast_context(device):
@@ -146,6 +158,20 @@ def train_local(
                 "accuracy %.3f", label, epochs, seen, seconds, stats.images_per_second,
                 stats.loss, stats.accuracy)
     return stats
+
+
+def _passes(loader: Iterable, batches: int) -> Iterable:
+    """``batches`` batches from ``loader``, passing over it again as often as needed."""
+    taken = 0
+    while taken < batches:
+        before = taken
+        for batch in loader:
+            yield batch
+            taken += 1
+            if taken >= batches:
+                return
+        if taken == before:
+            raise ValueError("equal local steps asked for, but the site's loader is empty")
 
 
 @torch.no_grad()

@@ -130,7 +130,9 @@ class TrainingSettings:
     lr_step_size: int
     lr_step_unit: str
     lr_gamma: float
+    lr_decay: str
     max_batches_per_epoch: int
+    equal_local_steps: bool
     class_weighted_loss: bool
     balanced_sampling: bool
     sampling_power: float
@@ -257,6 +259,8 @@ class Settings:
             (self.training.lr_step_size >= 1, "training.lr-step-size", "at least 1"),
             (self.training.lr_step_unit in ("local-epoch", "round"), "training.lr-step-unit",
              "'local-epoch' or 'round'"),
+            (self.training.lr_decay in ("none", "cosine"), "training.lr-decay",
+             "'none' or 'cosine'"),
             (0 <= self.training.sampling_power <= 1, "training.sampling-power", "in [0, 1]"),
             (self.min_train_nodes >= 1, "min-train-nodes", "at least 1"),
             (self.min_available_nodes >= self.min_train_nodes, "min-available-nodes",

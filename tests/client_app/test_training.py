@@ -76,6 +76,22 @@ def test_train_local_learns_and_respects_max_batches():
     assert stats.accuracy > 0.5
 
 
+def test_equal_local_steps_pass_over_a_small_site_again():
+    small = _toy_loader(48)  # 3 batches of 16
+    plain = train_local(_toy_model(), small, epochs=2, lr=0.01, device=torch.device("cpu"),
+                        max_batches=7)
+    assert plain.examples == 2 * 3 * 16  # a small site stops at the end of its images
+    equal = train_local(_toy_model(), small, epochs=2, lr=0.01, device=torch.device("cpu"),
+                        max_batches=7, equal_steps=True)
+    assert equal.examples == 2 * 7 * 16  # as many steps as a large site
+    large = train_local(_toy_model(), _toy_loader(256), epochs=1, lr=0.01,
+                        device=torch.device("cpu"), max_batches=7, equal_steps=True)
+    assert large.examples == 7 * 16  # a large site is still capped
+    with pytest.raises(ValueError, match="loader is empty"):
+        train_local(_toy_model(), [], epochs=1, lr=0.01, device=torch.device("cpu"),
+                    max_batches=2, equal_steps=True)
+
+
 def test_lr_follows_the_paper_step_schedule_across_rounds():
     assert [lr_for_round(1e-4, r, 10, 0.1) for r in (1, 10, 11, 20, 21)] == pytest.approx(
         [1e-4, 1e-4, 1e-5, 1e-5, 1e-6])
@@ -105,3 +121,12 @@ def test_lr_steps_per_local_epoch_within_a_round():
     train_local(model, [(torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 0]))], epochs=2,
                 lr=0.1, device=torch.device("cpu"), lr_step_epochs=1, lr_gamma=1.0)
     assert not torch.equal(before, model[1].weight)
+
+
+def test_cosine_decay_starts_at_one_and_ends_near_zero_by_round_number():
+    from client_app.training import cosine_factor
+
+    factors = [cosine_factor(r, 12) for r in range(1, 13)]
+    assert factors[0] == 1.0 and all(a > b for a, b in zip(factors, factors[1:]))
+    assert 0 < factors[-1] < 0.02 and factors[6] == pytest.approx(0.5)
+    assert cosine_factor(20, 12) == factors[-1]  # a resumed run past its end stays low
