@@ -278,6 +278,7 @@ class Site:
             model, loader, epochs=t.local_epochs, lr=lr, device=self.device,
             proximal_mu=proximal_mu, anchor=anchor, class_weights=weights,
             max_batches=t.max_batches_per_epoch, equal_steps=t.equal_local_steps,
+            frozen_bn_statistics=t.frozen_bn_statistics,
             lr_step_epochs=0 if by_round else t.lr_step_size, lr_gamma=t.lr_gamma,
             label=f"{self.identity.name} round {server_round}")
         return stats, lr, num_train

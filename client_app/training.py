@@ -93,6 +93,7 @@ def train_local(
     class_weights: torch.Tensor | None = None,
     max_batches: int = 0,
     equal_steps: bool = False,
+    frozen_bn_statistics: bool = False,
     lr_step_epochs: int = 0,
     lr_gamma: float = 0.1,
     log_every_seconds: float = 30.0,
@@ -102,10 +103,16 @@ def train_local(
 
     ``max_batches`` > 0 caps a local epoch at that many batches; with ``equal_steps`` a
     shorter loader is passed over again until the epoch has run exactly that many.
+    ``frozen_bn_statistics``: BatchNorm layers normalise with their running statistics
+    and do not update them (their affine weights still train).
     ``lr_step_epochs`` > 0: StepLR of this round's local optimizer, lr·γ^⌊(epoch−1)/step⌋
     (the paper's StepLR(10, 0.1) as we read it: see the README).
     """
     model.train()
+    if frozen_bn_statistics:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     criterion = nn.CrossEntropyLoss(
         weight=None if class_weights is None else class_weights.to(device))

@@ -133,6 +133,7 @@ class TrainingSettings:
     lr_decay: str
     max_batches_per_epoch: int
     equal_local_steps: bool
+    frozen_bn_statistics: bool
     class_weighted_loss: bool
     balanced_sampling: bool
     sampling_power: float

@@ -130,3 +130,19 @@ def test_cosine_decay_starts_at_one_and_ends_near_zero_by_round_number():
     assert factors[0] == 1.0 and all(a > b for a, b in zip(factors, factors[1:]))
     assert 0 < factors[-1] < 0.02 and factors[6] == pytest.approx(0.5)
     assert cosine_factor(20, 12) == factors[-1]  # a resumed run past its end stays low
+
+
+def test_frozen_bn_statistics_keep_running_stats_and_train_the_affine_weights():
+    def model_with_bn():
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(),
+                             nn.Linear(144, 2))
+
+    for frozen in (False, True):
+        model = model_with_bn()
+        bn = model[1]
+        mean, weight = bn.running_mean.clone(), bn.weight.detach().clone()
+        train_local(model, _toy_loader(), epochs=1, lr=0.01, device=torch.device("cpu"),
+                    frozen_bn_statistics=frozen)
+        assert torch.equal(bn.running_mean, mean) == frozen
+        assert not torch.equal(bn.weight.detach(), weight)  # trained either way
