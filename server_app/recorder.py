@@ -67,12 +67,13 @@ class MeteredGrid:
         messages = list(messages)
         kind = "train" if messages and messages[0].metadata.message_type == MessageType.TRAIN \
             else "evaluate"
+        # counted before a PackingGrid below packs them, as the strategy made them
+        self.traffic[f"{kind}-sent"] = self.traffic.get(f"{kind}-sent", 0) + sum(
+            message_bytes(m) for m in messages)
         self.marks[f"{kind}-sent"] = time.time()
         replies = send_and_receive_by_polling(self._grid, messages, timeout,
                                               self.poll_interval)
         self.marks[f"{kind}-replied"] = time.time()
-        self.traffic[f"{kind}-sent"] = self.traffic.get(f"{kind}-sent", 0) + sum(
-            message_bytes(m) for m in messages)
         self.traffic[f"{kind}-received"] = self.traffic.get(f"{kind}-received", 0) + sum(
             message_bytes(m) for m in replies)
         return replies

@@ -448,3 +448,40 @@ def test_a_plot_that_fails_is_logged_and_the_rest_are_drawn(tmp_path, flwr_logs)
     plots.close()
     assert (tmp_path / "good.png").read_text() == "ok"
     assert "Could not draw" in flwr_logs.text and "no data" in flwr_logs.text
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_traffic_counts_the_arrays_as_the_strategy_made_them_not_packed():
+    from flwr.app import Message, MessageType, RecordDict
+
+    from fedlsc_flwr.packing import PackingGrid, is_packed, packed_arrays_mod
+    from fedlsc_flwr.wire import array_from_numpy
+
+    class Echo:  # a Grid whose sites answer at once through the ClientApp's mod
+        def __init__(self):
+            self.replies, self.wire = {}, []
+
+        def push_messages(self, messages):
+            ids = []
+            for i, m in enumerate(messages):
+                self.wire.append(m.content["arrays"])
+                m.metadata.__dict__["_message_id"] = f"m{i}"
+                self.replies[f"m{i}"] = packed_arrays_mod(m, None, lambda msg, _: Message(
+                    RecordDict({"arrays": msg.content["arrays"]}), reply_to=msg))
+                ids.append(f"m{i}")
+            return ids
+
+        def pull_messages(self, ids):
+            return [self.replies.pop(i) for i in list(ids) if i in self.replies]
+
+    arrays = ArrayRecord({f"w{i}": array_from_numpy(np.ones(250, np.float32))
+                          for i in range(4)})  # 4 x 1,000 bytes of data (+ .npy headers)
+    tensor_bytes = sum(len(a.data) for a in arrays.values())
+    echo = Echo()
+    grid = MeteredGrid(PackingGrid(echo), poll_interval=0.0)
+    messages = [Message(RecordDict({"arrays": arrays}), dst_node_id=n,
+                        message_type=MessageType.TRAIN) for n in (1, 2)]
+    replies = grid.send_and_receive(messages)
+    assert all(is_packed(r) for r in echo.wire)  # packed on the wire
+    assert grid.traffic == {"train-sent": 2 * tensor_bytes, "train-received": 2 * tensor_bytes}
+    assert all(list(r.content["arrays"]) == list(arrays) for r in replies)
