@@ -452,8 +452,6 @@ def test_a_plot_that_fails_is_logged_and_the_rest_are_drawn(tmp_path, flwr_logs)
 
 @pytest.mark.usefixtures("task_identity")
 def test_traffic_counts_the_arrays_as_the_strategy_made_them_not_packed():
-    from flwr.app import Message, MessageType, RecordDict
-
     from fedlsc_flwr.packing import PackingGrid, is_packed, packed_arrays_mod
     from fedlsc_flwr.wire import array_from_numpy
 
