@@ -15,8 +15,8 @@ back from those result files.
 
 Presets (Hydra overrides of ``conf/``, the one source of truth):
   recipe — the main job's recipe, conf/'s defaults: EfficientNet-Lite0-SA (ImageNet), 96 px,
-          12 rounds of at most 40 batches per site; recipe-4x1: the same network, 4 rounds
-          of whole local epochs (the earlier main job).
+          12 rounds of 40 batches per site, cosine lr decay; recipe-4x1: the same network,
+          4 rounds of whole local epochs, constant lr (the earlier main job).
   cpu   — 32 px images, 10 batches of 32 per local epoch, 4 rounds: sized for a 2-core CPU.
   paper — ``+experiment=paper``: Res2Net50-SA, 224 px, whole local epochs, 50 rounds.
 """
@@ -57,16 +57,20 @@ PRESETS: dict[str, list[str]] = {
             "num_server_rounds=4", "target_accuracies='0.6,0.65,0.7'"],
     "paper": ["+experiment=paper"],
     # The main job's recipe as conf/ holds it (EfficientNet-Lite0-SA from ImageNet, 96 px,
-    # 12 rounds x at most 40 batches per site, Adam 5e-4, balanced batches).
+    # 12 rounds x 40 batches per site, Adam 5e-4 decaying (cosine), balanced batches).
     "recipe": [],
     # The main job's earlier recipe, 4 rounds x 1 whole local epoch: the GPU table of
     # benchmarks/reports/gpu-h100-2026-11-27-recipe.md was made with it.
-    "recipe-4x1": ["num_server_rounds=4", "training.max_batches_per_epoch=0"],
+    # Pinned as it ran: constant lr, each site its own number of steps.
+    "recipe-4x1": ["num_server_rounds=4", "training.max_batches_per_epoch=0",
+                   "training.lr_decay=none", "training.equal_local_steps=false"],
     # The recipe cut for sweeps of many runs on a 2-core CPU (the bad-site benchmark): the
     # same pretrained network and optimiser at 64 px, 30 batches of 32 per local epoch,
     # 3 rounds.
+    # 3 rounds, constant lr, each site its own number of steps (as the bad-site report ran).
     "recipe-lite": ["dataset.image_size=64", "training.max_batches_per_epoch=30",
-                    "num_server_rounds=3"],
+                    "num_server_rounds=3", "training.lr_decay=none",
+                    "training.equal_local_steps=false"],
 }
 SPLIT_OVERRIDES: dict[str, list[str]] = {
     "dirichlet": ["partition=dirichlet"],
