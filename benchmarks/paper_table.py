@@ -15,7 +15,7 @@ back from those result files.
 
 Presets (Hydra overrides of ``conf/``, the one source of truth):
   recipe — the main job's recipe, conf/'s defaults: EfficientNet-Lite0-SA (ImageNet), 96 px,
-          12 rounds of 40 batches per site, cosine lr decay; recipe-4x1: the same network,
+          10 rounds of 40 batches per site, cosine lr decay; recipe-4x1: the same network,
           4 rounds of whole local epochs, constant lr (the earlier main job).
   cpu   — 32 px images, 10 batches of 32 per local epoch, 4 rounds: sized for a 2-core CPU.
   paper — ``+experiment=paper``: Res2Net50-SA, 224 px, whole local epochs, 50 rounds.
@@ -57,7 +57,7 @@ PRESETS: dict[str, list[str]] = {
             "num_server_rounds=4", "target_accuracies='0.6,0.65,0.7'"],
     "paper": ["+experiment=paper"],
     # The main job's recipe as conf/ holds it (EfficientNet-Lite0-SA from ImageNet, 96 px,
-    # 12 rounds x 40 batches per site, Adam 5e-4 decaying (cosine), balanced batches).
+    # 10 rounds x 40 batches per site, Adam 5e-4 decaying (cosine), balanced batches).
     "recipe": [],
     # The main job's earlier recipe, 4 rounds x 1 whole local epoch: the GPU table of
     # benchmarks/reports/gpu-h100-2026-11-27-recipe.md was made with it.
