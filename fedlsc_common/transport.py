@@ -16,6 +16,8 @@ object) for slow links.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from logging import WARNING
 
 INITIAL_BACKOFF = 0.05
@@ -42,3 +44,21 @@ def retry_object_pulls_sooner() -> bool:
     for d in defaults:
         d.update(wanted)
     return True
+
+
+def seconds_from_environment(name: str, default: float, low: float, high: float, *,
+                             environ: Mapping[str, str] | None = None,
+                             why: str = "") -> float:
+    """A polling interval from environment variable ``name`` (``default`` if unset); a
+    value that is not seconds in [``low``, ``high``] is refused naming the variable and
+    the value, followed by ``why``."""
+    raw = (os.environ if environ is None else environ).get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = low - 1.0
+    if not low <= value <= high:
+        raise ValueError(f"{name} = {raw!r}: must be seconds in [{low:g}, {high:g}]{why}")
+    return value

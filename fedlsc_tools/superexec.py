@@ -44,7 +44,7 @@ from flwr.supercore.superexec.executor import ExecutionSpec, LaunchResult
 from flwr.supercore.superexec.plugin import AutoExecPlugin
 from flwr.supercore.tls import validate_and_resolve_root_certificates
 
-from fedlsc_common.transport import retry_object_pulls_sooner
+from fedlsc_common.transport import retry_object_pulls_sooner, seconds_from_environment
 
 #: What a ClientApp of this project imports that costs seconds: loaded once, here.
 PRELOAD = ("numpy", "PIL.Image", "torch", "torchvision.transforms.v2", "timm",
@@ -55,16 +55,7 @@ DEFAULT_POLL_INTERVAL = 0.25
 
 def poll_interval() -> float:
     """Seconds between task requests: $FLWR_SUPEREXEC_TASK_POLL_INTERVAL, else 0.25."""
-    raw = os.environ.get(POLL_INTERVAL_ENV)
-    if raw is None:
-        return DEFAULT_POLL_INTERVAL
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0.01 <= value <= 60:
-        raise ValueError(f"{POLL_INTERVAL_ENV} = {raw!r}: must be seconds in [0.01, 60]")
-    return value
+    return seconds_from_environment(POLL_INTERVAL_ENV, DEFAULT_POLL_INTERVAL, 0.01, 60)
 
 
 class ForkExecutor:

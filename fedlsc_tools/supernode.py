@@ -19,13 +19,14 @@ interval per idle SuperNode (12 a second for three hospitals).
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections.abc import Sequence
 from logging import INFO, WARNING
 from types import ModuleType
 from typing import Any
+
+from fedlsc_common.transport import seconds_from_environment
 
 POLL_INTERVAL_ENV = "FEDLSC_SUPERNODE_POLL_INTERVAL"
 DEFAULT_POLL_INTERVAL = 0.25
@@ -35,17 +36,9 @@ LOOP_MODULE = "flwr.supernode.start_client_internal"
 
 def poll_interval(environ: dict[str, str] | None = None) -> float:
     """Seconds between idle polls: $FEDLSC_SUPERNODE_POLL_INTERVAL, else 0.25."""
-    raw = (os.environ if environ is None else environ).get(POLL_INTERVAL_ENV)
-    if raw is None:
-        return DEFAULT_POLL_INTERVAL
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0.01 <= value <= 3:
-        raise ValueError(f"{POLL_INTERVAL_ENV} = {raw!r}: must be seconds in [0.01, 3] "
-                         "(Flower's own SuperNode waits 3 s)")
-    return value
+    return seconds_from_environment(POLL_INTERVAL_ENV, DEFAULT_POLL_INTERVAL, 0.01, 3,
+                                    environ=environ,
+                                    why=" (Flower's own SuperNode waits 3 s)")
 
 
 class _CappedSleep:

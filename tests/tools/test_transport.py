@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from flwr.supercore.inflatable import inflatable_utils
 
 from fedlsc_common.transport import BACKOFF_CAP, INITIAL_BACKOFF, retry_object_pulls_sooner
@@ -34,3 +35,17 @@ def test_object_pulls_retry_after_a_tenth_of_a_second(monkeypatch):
     start = time.monotonic()
     assert inflatable_utils.pull_objects(["a"], pull) == {"a": b"content"}
     assert time.monotonic() - start < 1.0 and len(calls) == 3
+
+
+def test_the_warm_superexecs_poll_interval_is_checked_the_same_way(monkeypatch):
+    from fedlsc_tools import superexec
+
+    monkeypatch.delenv(superexec.POLL_INTERVAL_ENV, raising=False)
+    assert superexec.poll_interval() == 0.25
+    monkeypatch.setenv(superexec.POLL_INTERVAL_ENV, "2")
+    assert superexec.poll_interval() == 2.0
+    for bad in ("0", "61", "soon"):
+        monkeypatch.setenv(superexec.POLL_INTERVAL_ENV, bad)
+        with pytest.raises(ValueError, match=rf"FLWR_SUPEREXEC_TASK_POLL_INTERVAL = '{bad}': "
+                                             r"must be seconds in \[0.01, 60\]$"):
+            superexec.poll_interval()
