@@ -392,6 +392,34 @@ def balanced_sampler(records: Sequence[Record], seed: int = 0,
     return WeightedRandomSampler(weights, len(records), replacement=True, generator=generator)
 
 
+#: The logit offset of a class a site holds no image of: its softmax weight in the loss is
+#: exactly 0 in float32, so the site's training leaves that class's parameters alone (a mere
+#: small weight would not: Adam scales a small but steady gradient up to full-size steps).
+ABSENT_CLASS_OFFSET = -1e4
+
+
+def sampled_class_prior(records: Sequence[Record], *, balanced: bool, power: float = 1.0,
+                        num_classes: int = len(CLASSES)) -> torch.Tensor:
+    """The class distribution a training loader draws from: in proportion to the counts
+    when shuffling, to count^(1 − power) with :func:`balanced_sampler` (each image weighs
+    count^−power); 0 for a class with no image."""
+    counts = torch.tensor(class_counts(records, num_classes), dtype=torch.float64)
+    if counts.sum() <= 0:
+        raise ValueError("sampled_class_prior: no records")
+    mass = counts ** (1.0 - power) if balanced else counts.clone()
+    mass[counts == 0] = 0.0
+    return (mass / mass.sum()).float()
+
+
+def logit_offsets(prior: torch.Tensor, tau: float) -> torch.Tensor:
+    """The logit-adjusted loss's offsets (Menon et al., ICLR 2021): τ·log prior per class,
+    :data:`ABSENT_CLASS_OFFSET` for a class of prior 0."""
+    offsets = torch.full_like(prior, ABSENT_CLASS_OFFSET)
+    present = prior > 0
+    offsets[present] = tau * torch.log(prior[present])
+    return offsets
+
+
 def make_loader(
     records: Sequence[Record],
     image_size: int,

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from client_app.attack import attack_training_records
-from client_app.data import class_weights, make_loader
+from client_app.data import class_weights, logit_offsets, make_loader, sampled_class_prior
 from client_app.partition import load_site_split
 from client_app.training import (
     TrainStats,
@@ -274,10 +274,16 @@ class Site:
                           if g is not None}.values():
             generator.manual_seed(round_seed)
         weights = class_weights(loader.dataset.records) if t.class_weighted_loss else None
+        offsets = None
+        if t.logit_adjustment > 0:
+            prior = sampled_class_prior(loader.dataset.records, balanced=t.balanced_sampling,
+                                        power=t.sampling_power)
+            offsets = logit_offsets(prior, t.logit_adjustment)
         stats = train_local(
             model, loader, epochs=t.local_epochs, lr=lr, device=self.device,
             proximal_mu=proximal_mu, anchor=anchor, class_weights=weights,
-            max_batches=t.max_batches_per_epoch, equal_steps=t.equal_local_steps,
+            logit_offsets=offsets, max_batches=t.max_batches_per_epoch,
+            equal_steps=t.equal_local_steps,
             frozen_bn_statistics=t.frozen_bn_statistics,
             lr_step_epochs=0 if by_round else t.lr_step_size, lr_gamma=t.lr_gamma,
             label=f"{self.identity.name} round {server_round}")

@@ -91,6 +91,7 @@ def train_local(
     proximal_mu: float = 0.0,
     anchor: Mapping[str, torch.Tensor] | None = None,
     class_weights: torch.Tensor | None = None,
+    logit_offsets: torch.Tensor | None = None,
     max_batches: int = 0,
     equal_steps: bool = False,
     frozen_bn_statistics: bool = False,
@@ -101,6 +102,8 @@ def train_local(
 ) -> TrainStats:
     """Adam on cross-entropy (+ the proximal term towards ``anchor`` = w_g, by name).
 
+    ``logit_offsets`` (the logit-adjusted loss: τ·log prior per class) are added to the
+    logits inside the loss only; the model and its predictions stay unadjusted.
     ``max_batches`` > 0 caps a local epoch at that many batches; with ``equal_steps`` a
     shorter loader is passed over again until the epoch has run exactly that many.
     ``frozen_bn_statistics``: BatchNorm layers normalise with their running statistics
@@ -116,6 +119,7 @@ def train_local(
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     criterion = nn.CrossEntropyLoss(
         weight=None if class_weights is None else class_weights.to(device))
+    offsets = None if logit_offsets is None else logit_offsets.to(device).float()
     named = dict(model.named_parameters())
     prox_names = [n for n in (anchor or {}) if n in named and named[n].requires_grad]
     prox_params = [named[n] for n in prox_names]
@@ -135,7 +139,8 @@ def train_local(
             labels = labels.to(device, non_blocking=True)
             with autocast_context(device):
                 logits = model(images)
-                loss = criterion(logits.float(), labels)
+                scores = logits.float() if offsets is None else logits.float() + offsets
+                loss = criterion(scores, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             add_proximal_gradient(prox_params, prox_anchors, proximal_mu)

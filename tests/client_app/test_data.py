@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 import random
 import sys
@@ -28,10 +29,12 @@ from client_app.data import (
     balanced_sampler,
     class_weights,
     decode_images,
+    logit_offsets,
     make_loader,
     read_ham10000,
     read_image_folder,
     read_records,
+    sampled_class_prior,
     verify_images,
 )
 from client_app.partition import (
@@ -488,6 +491,30 @@ def test_balanced_sampler_power_tempers_the_classes() -> None:
     assert abs(shares[1.0] - 0.50) < 0.05
     with pytest.raises(ValueError, match="power = 1.5"):
         balanced_sampler(records, 0, 1.5)
+
+
+def test_sampled_class_prior_follows_the_loader_sampling() -> None:
+    # 900 images of class 5, 100 of class 4, none of the other five classes.
+    records = _records_with_labels([5] * 900 + [4] * 100)
+    for balanced, power, share_4 in ((False, 1.0, 0.10), (True, 0.0, 0.10), (True, 0.5, 0.25),
+                                     (True, 1.0, 0.50)):
+        prior = sampled_class_prior(records, balanced=balanced, power=power)
+        assert float(prior.sum()) == pytest.approx(1.0)
+        assert float(prior[4]) == pytest.approx(share_4, rel=1e-5)
+        assert [float(prior[k]) for k in (0, 1, 2, 3, 6)] == [0.0] * 5
+    # What the sampler really draws agrees with the prior (power 0.5: 25 % of class 4).
+    drawn = Counter(records[i].label for i in balanced_sampler(records, 0, 0.5))
+    assert abs(drawn[4] / len(records) - 0.25) < 0.04
+    with pytest.raises(ValueError, match="no records"):
+        sampled_class_prior([], balanced=True)
+
+
+def test_logit_offsets_are_tau_log_prior_and_leave_out_absent_classes() -> None:
+    offsets = logit_offsets(torch.tensor([0.0, 0.25, 0.75]), tau=0.5)
+    torch.testing.assert_close(offsets, torch.tensor(
+        [data.ABSENT_CLASS_OFFSET, 0.5 * math.log(0.25), 0.5 * math.log(0.75)]))
+    # Left out means a softmax weight of exactly 0 in float32.
+    assert float(torch.softmax(offsets, 0)[0]) == 0.0
 
 
 # --- plots ---------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from client_app.data import logit_offsets
 from client_app.training import (
     add_proximal_gradient,
     confusion_matrix,
@@ -74,6 +75,27 @@ def test_train_local_learns_and_respects_max_batches():
                          max_batches=3)
     assert capped.examples == 2 * 3 * 16
     assert stats.accuracy > 0.5
+
+
+def test_logit_offsets_keep_a_site_from_pushing_down_classes_it_lacks():
+    # Three classes, the site holds images of 0 and 1 only. Plain cross-entropy drives the
+    # logit of class 2 down on every image (Adam: by about lr a step); with the absent
+    # class's offset of the logit-adjusted loss, class 2 takes no part and its bias stays.
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 4, 1, 1, generator=g)
+    y = (x[:, 0, 0, 0] > 0).long()
+    loader = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
+    moved = {}
+    for name, offsets in (("plain", None),
+                          ("adjusted", logit_offsets(torch.tensor([0.5, 0.5, 0.0]), 1.0))):
+        torch.manual_seed(0)
+        head = nn.Linear(4, 3)
+        before = head.bias.detach().clone()
+        train_local(nn.Sequential(nn.Flatten(), head), loader, epochs=5, lr=0.05,
+                    device=torch.device("cpu"), logit_offsets=offsets)
+        moved[name] = float(before[2] - head.bias.detach()[2])
+    assert moved["plain"] > 0.5
+    assert moved["adjusted"] == 0.0
 
 
 def test_equal_local_steps_pass_over_a_small_site_again():
