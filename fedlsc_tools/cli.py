@@ -145,6 +145,7 @@ def federation_run_config(run_config: Sequence[str], num_supernodes: int | None
 
 def cmd_run(args: argparse.Namespace) -> int:
     from fedlsc_common.settings import project_root
+    from fedlsc_tools.processes import local_superlink_port, stop_pids, superlink_pids
 
     project = Path(args.project).resolve() if args.project else (project_root() or Path.cwd())
     results = Path(args.results_dir or f"results/main-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -153,7 +154,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         [*args.run_config, f"results-dir={_toml_value(str(results))}"], args.num_supernodes)
     print(f"fedlsc: simulation of {num_supernodes} sites; results in {results}", flush=True)
     start = time.monotonic()
-    code = simulate(project, overrides, num_supernodes=num_supernodes)
+    port = local_superlink_port()
+    superlinks_before = superlink_pids(port)
+    try:
+        code = simulate(project, overrides, num_supernodes=num_supernodes)
+    finally:
+        started = superlink_pids(port) - superlinks_before
+        if started and not args.keep_superlink:
+            # `flwr run` leaves the local SuperLink it started running; stop that one only.
+            print(f"fedlsc: stopping the local SuperLink this run started (pid "
+                  f"{', '.join(map(str, sorted(started)))}; --keep-superlink keeps it)",
+                  flush=True)
+            stop_pids(started)
     summary_path = results / "summary.json"
     if code != 0 or not summary_path.is_file():
         print(f"fedlsc: the run failed (exit code {code}); see the log above", file=sys.stderr)
@@ -424,6 +436,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Flower run-config overrides of conf/'s settings, as for flwr run: "
                           "space-separated key=value pairs or a .toml file; may be repeated "
                           "(default: none, conf/ as it is)")
+    run.add_argument("--keep-superlink", action="store_true",
+                     help="leave running the local SuperLink that flwr run starts for the "
+                          "simulation (on 127.0.0.1:$FLWR_LOCAL_SUPERLINK_HTTP_API_PORT, "
+                          "39091 unless set) when this run started it (default: False: the "
+                          "run stops it at the end; one already running is left alone)")
 
     pred = _sub(sub, "predict", "class probabilities of every image in a folder (ISIC CSV)",
                 "Write the ISIC 2018 Task 3 submission CSV (image,MEL,NV,BCC,AKIEC,BKL,DF,"

@@ -37,6 +37,26 @@ def local_superlink_owner(address: tuple[str, int] = LOCAL_SUPERLINK) -> str | N
     return "an unknown process"
 
 
+def local_superlink_port() -> int:
+    """The port `flwr run` gives its local SuperLink (``$FLWR_LOCAL_SUPERLINK_HTTP_API_PORT``,
+    else 39091, as Flower 1.42 reads it)."""
+    return int(os.environ.get("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", LOCAL_SUPERLINK[1]))
+
+
+def superlink_pids(port: int) -> set[int]:
+    """PIDs of the ``flower-superlink`` processes started with ``--port <port>``."""
+    return {pid for pid, cmd in command_lines()
+            if "flower-superlink" in cmd and f"--port {port} " in f"{cmd} "}
+
+
+def stop_pids(pids: set[int], sig: int = signal.SIGTERM) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
 def stop_processes_naming(marker: str, announce: bool = False) -> None:
     """SIGTERM the processes whose command line names ``marker``, and no other."""
     for pid, cmd in command_lines():

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -181,6 +185,45 @@ def test_cmd_run_passes_the_derived_federation_to_flwr(tmp_path, monkeypatch, ca
     assert settings.results_dir == str(tmp_path / "out")  # --results-dir wins
     assert settings.min_available_nodes == 4
     assert "balanced accuracy of the global model: 0.5000" in capsys.readouterr().out
+
+
+def test_cmd_run_stops_the_local_superlink_it_started_and_no_other(tmp_path, monkeypatch,
+                                                                   capsys):
+    """Stand-ins of Flower's detached local SuperLink: real processes whose command line
+    reads like it, on a port of their own."""
+    import fedlsc_tools.cli as cli
+
+    monkeypatch.setenv("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "45991")
+    sleeper = [sys.executable, "-c", "import time; time.sleep(120)", "flower-superlink",
+               "--simulation", "--port", "45991"]
+    already_there = subprocess.Popen(sleeper)
+    started = []
+
+    def fake_simulate(project, overrides, *, num_supernodes):
+        started.append(subprocess.Popen(sleeper))
+        time.sleep(0.3)  # its command line is readable from /proc
+        (tmp_path / "out").mkdir(exist_ok=True)
+        (tmp_path / "out" / "summary.json").write_text(json.dumps({
+            "rounds": 1, "final": {"global": {"balanced-accuracy": 0.5, "accuracy": 0.6},
+                                   "personalized": {"balanced-accuracy": 0.4}}}))
+        return 0
+
+    monkeypatch.setattr(cli, "simulate", fake_simulate)
+    time.sleep(0.3)
+    try:
+        args = ["run", "--results-dir", str(tmp_path / "out"), "--project", str(tmp_path)]
+        assert main(args) == 0
+        assert started[0].wait(timeout=10) == -signal.SIGTERM
+        assert already_there.poll() is None
+        assert f"stopping the local SuperLink this run started (pid {started[0].pid}" \
+            in capsys.readouterr().out
+        assert main([*args, "--keep-superlink"]) == 0
+        time.sleep(0.5)
+        assert started[1].poll() is None
+    finally:
+        for proc in (already_there, *started):
+            proc.kill()
+            proc.wait()
 
 
 # -------------------------------------------------------------------------- help
