@@ -378,16 +378,21 @@ def class_weights(records: Sequence[Record], num_classes: int = len(CLASSES)) ->
     return weights
 
 
-def balanced_sampler(records: Sequence[Record], seed: int = 0,
-                     power: float = 1.0) -> WeightedRandomSampler:
-    """Draw ``len(records)`` samples with replacement, each with weight count(class)^-power:
-    ``power`` 1 draws every present class equally often, 0 as often as it occurs, and 0.5
-    in proportion to the square root of its count (a site's rare classes still come up more
-    often than in its data, without most steps going to its handful of images)."""
+def balanced_sampler(records: Sequence[Record], seed: int = 0, power: float = 1.0,
+                     min_count: int = 0) -> WeightedRandomSampler:
+    """Draw ``len(records)`` samples with replacement, each with weight
+    max(count(class), min_count)^-power: ``power`` 1 draws every present class equally
+    often, 0 as often as it occurs, and 0.5 in proportion to the square root of its count (a
+    site's rare classes still come up more often than in its data, without most steps going
+    to its handful of images). ``min_count`` > 0 draws a class of fewer images as if it had
+    that many, so its few images are not each repeated hundreds of times a round."""
     if not 0.0 <= power <= 1.0:
         raise ValueError(f"balanced_sampler: power = {power!r}: must be in [0, 1]")
+    if min_count < 0:
+        raise ValueError(f"balanced_sampler: min_count = {min_count!r}: must be >= 0")
     counts = class_counts(records)
-    weights = torch.tensor([counts[r.label] ** -power for r in records], dtype=torch.float64)
+    weights = torch.tensor([max(counts[r.label], min_count) ** -power for r in records],
+                           dtype=torch.float64)
     generator = torch.Generator().manual_seed(seed)
     return WeightedRandomSampler(weights, len(records), replacement=True, generator=generator)
 
@@ -399,14 +404,15 @@ ABSENT_CLASS_OFFSET = -1e4
 
 
 def sampled_class_prior(records: Sequence[Record], *, balanced: bool, power: float = 1.0,
-                        num_classes: int = len(CLASSES)) -> torch.Tensor:
+                        min_count: int = 0, num_classes: int = len(CLASSES)) -> torch.Tensor:
     """The class distribution a training loader draws from: in proportion to the counts
-    when shuffling, to count^(1 − power) with :func:`balanced_sampler` (each image weighs
-    count^−power); 0 for a class with no image."""
+    when shuffling, to count·max(count, min_count)^−power with :func:`balanced_sampler`;
+    0 for a class with no image."""
     counts = torch.tensor(class_counts(records, num_classes), dtype=torch.float64)
     if counts.sum() <= 0:
         raise ValueError("sampled_class_prior: no records")
-    mass = counts ** (1.0 - power) if balanced else counts.clone()
+    mass = counts * counts.clamp(min=max(min_count, 1)) ** -power if balanced \
+        else counts.clone()
     mass[counts == 0] = 0.0
     return (mass / mass.sum()).float()
 
@@ -430,6 +436,7 @@ def make_loader(
     cache: bool | str | Path = True,
     balanced: bool = False,
     sampling_power: float = 1.0,
+    balance_min_count: int = 0,
     seed: int = 0,
     on_error: OnError = "raise",
     drop_last: bool = False,
@@ -440,7 +447,7 @@ def make_loader(
     runs on uint8 tensors); a path adds an on-disk .npy cache shared by later processes;
     False decodes every item every epoch (for sets too large for memory). Training
     loaders shuffle with ``seed``, or, when ``balanced``, draw classes by
-    :func:`balanced_sampler` with ``sampling_power``.
+    :func:`balanced_sampler` with ``sampling_power`` and ``balance_min_count``.
     """
     if not records:
         raise ValueError("make_loader: no records")
@@ -450,7 +457,8 @@ def make_loader(
         images, kept = decode_images(records, image_size, cache_dir=cache_dir, on_error=on_error)
         records = [records[i] for i in kept]
     dataset = ImageDataset(records, image_size, build_transform(image_size, train), images)
-    sampler = balanced_sampler(records, seed, sampling_power) if train and balanced else None
+    sampler = balanced_sampler(records, seed, sampling_power, balance_min_count) \
+        if train and balanced else None
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset,

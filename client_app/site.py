@@ -168,7 +168,9 @@ class Site:
                s.dataset.image_size, s.training.batch_size, s.dataset.on_error)
         kind = self.attack_kind()  # a simulated bad site may train on wrong labels
         wrong = (kind, s.attack.fraction) if kind.startswith("label-") else ("none", 0.0)
-        if (key, split, wrong) not in _LOADERS:
+        sampling = (s.training.balanced_sampling, s.training.sampling_power,
+                    s.training.balance_min_count) if split == "train" else ()
+        if (key, split, wrong, sampling) not in _LOADERS:
             if key not in _SPLITS:
                 _SPLITS[key] = load_site_split(
                     ident.data_dir, partition=ident.partition, partition_id=ident.partition_id,
@@ -179,14 +181,15 @@ class Site:
             records = _SPLITS[key][0 if split == "train" else 1]
             if split == "train":
                 records = self._training_records(records)
-            _LOADERS[(key, split, wrong)] = make_loader(
+            _LOADERS[(key, split, wrong, sampling)] = make_loader(
                 records, s.dataset.image_size, train=split == "train",
                 balanced=split == "train" and s.training.balanced_sampling,
                 sampling_power=s.training.sampling_power,
+                balance_min_count=s.training.balance_min_count,
                 batch_size=s.training.batch_size, num_workers=s.training.num_workers,
                 cache=image_cache_dir() if s.dataset.cache else False, seed=s.seed,
                 on_error=s.dataset.on_error)
-        return _LOADERS[(key, split, wrong)]
+        return _LOADERS[(key, split, wrong, sampling)]
 
     # ------------------------------------------------------------------ model
     def new_model(self) -> nn.Module:
@@ -277,7 +280,8 @@ class Site:
         offsets = None
         if t.logit_adjustment > 0:
             prior = sampled_class_prior(loader.dataset.records, balanced=t.balanced_sampling,
-                                        power=t.sampling_power)
+                                        power=t.sampling_power,
+                                        min_count=t.balance_min_count)
             offsets = logit_offsets(prior, t.logit_adjustment)
         stats = train_local(
             model, loader, epochs=t.local_epochs, lr=lr, device=self.device,

@@ -137,6 +137,7 @@ class TrainingSettings:
     class_weighted_loss: bool
     balanced_sampling: bool
     sampling_power: float
+    balance_min_count: int
     logit_adjustment: float
     num_workers: int
 
@@ -264,6 +265,8 @@ class Settings:
             (self.training.lr_decay in ("none", "cosine"), "training.lr-decay",
              "'none' or 'cosine'"),
             (0 <= self.training.sampling_power <= 1, "training.sampling-power", "in [0, 1]"),
+            (self.training.balance_min_count >= 0, "training.balance-min-count",
+             "at least 0 (0 = off)"),
             (0 <= self.training.logit_adjustment <= 2, "training.logit-adjustment",
              "in [0, 2] (0 = off)"),
             (self.min_train_nodes >= 1, "min-train-nodes", "at least 1"),

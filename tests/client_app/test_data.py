@@ -493,6 +493,20 @@ def test_balanced_sampler_power_tempers_the_classes() -> None:
         balanced_sampler(records, 0, 1.5)
 
 
+def test_balanced_sampler_min_count_draws_a_tiny_class_less() -> None:
+    # 2 images of class 3 among 200 of class 5: balanced, they are half the draws (each
+    # image drawn ~100 times in 202); as if class 3 had 20 images, 2/20 of that.
+    records = _records_with_labels([5] * 200 + [3] * 2)
+    shares = {m: Counter(records[i].label for i in balanced_sampler(records, 0, 1.0, m))[3]
+              / len(records) for m in (0, 20)}
+    assert abs(shares[0] - 0.5) < 0.08
+    assert abs(shares[20] - 2 / 22) < 0.05
+    prior = sampled_class_prior(records, balanced=True, power=1.0, min_count=20)
+    assert float(prior[3]) == pytest.approx(2 / 22, rel=1e-5)
+    with pytest.raises(ValueError, match="min_count = -1"):
+        balanced_sampler(records, 0, 1.0, -1)
+
+
 def test_sampled_class_prior_follows_the_loader_sampling() -> None:
     # 900 images of class 5, 100 of class 4, none of the other five classes.
     records = _records_with_labels([5] * 900 + [4] * 100)

@@ -61,6 +61,7 @@ def test_paper_experiment_and_group_switches():
     ("min-available-nodes", 1, "'min-available-nodes' = 1: must be at least min-train-nodes"),
     ("target-accuracies", "high", "'target-accuracies'"),
     ("training.sampling-power", 2.0, "'training.sampling-power' = 2.0: must be in [0, 1]"),
+    ("training.balance-min-count", -1, "'training.balance-min-count' = -1: must be at least 0"),
     ("training.logit-adjustment", -1.0, "'training.logit-adjustment' = -1.0: must be in [0, 2]"),
 ])
 def test_bad_values_name_key_and_value(key, value, words):
