@@ -21,12 +21,17 @@ MODEL_FORMAT = "fedlsc-model/1"
 CHECKPOINT_FORMAT = "fedlsc-checkpoint/1"
 
 
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
-    """Call ``write(file)`` on a temporary file beside ``path``, then move it into place."""
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None],
+                 mode: int | None = None) -> Path:
+    """Call ``write(file)`` on a temporary file beside ``path``, then move it into place.
+    ``mode`` (e.g. 0o600) is set before any byte is written, so a private key is never
+    readable by others, not even for a moment; else the temporary file's 0600 stays."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        if mode is not None:
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

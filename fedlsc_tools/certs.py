@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,21 +32,10 @@ class CertificateError(ValueError):
 
 
 def _write(path: Path, data: bytes, mode: int) -> Path:
-    """Atomic write with ``mode`` set before any byte is written (a private key is never
-    readable by others, not even for a moment)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Atomic write with ``mode`` set before any byte is written."""
+    from fedlsc_common.storage import atomic_write
+
+    return atomic_write(path, lambda f: f.write(data), mode=mode)
 
 
 def _check_name(name: str) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -30,6 +32,19 @@ def test_interrupted_write_keeps_previous_file_and_leaves_no_temp(tmp_path):
         atomic_write(target, dies_midway)
     assert target.read_text().strip().replace(" ", "").replace("\n", "") == '{"round":1}'
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_mode_is_set_before_the_first_byte(tmp_path):
+    target = tmp_path / "key.pem"
+    seen = []
+
+    def write(f):
+        seen.append(os.stat(f.fileno()).st_mode & 0o777)
+        f.write(b"secret")
+
+    atomic_write(target, write, mode=0o400)
+    assert seen == [0o400] and target.stat().st_mode & 0o777 == 0o400
+    assert target.read_bytes() == b"secret"
 
 
 def test_model_file_alone_rebuilds_the_model(tmp_path):
