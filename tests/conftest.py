@@ -78,3 +78,31 @@ def own_local_superlink():
         pytest.fail(f"another local Flower SuperLink already listens on "
                     f"{LOCAL_SUPERLINK[0]}:{LOCAL_SUPERLINK[1]} ({owner}); stop it first, "
                     f"or these tests would run on it")
+
+
+@pytest.fixture(scope="session")
+def write_tiny_ham():
+    """``write(folder, n, classes, site_of=None)``: a HAM10000-layout folder of ``n`` random
+    24x32 JPEGs, one lesion each, labelled ``classes[i % len(classes)]``, from hospital
+    ``site_of(i)`` (default "site-a"); returns the folder."""
+    import csv
+
+    import numpy as np
+    from PIL import Image
+
+    def write(folder: Path, n: int, classes: list[str], site_of=None) -> Path:
+        (folder / "images").mkdir(parents=True)
+        rng = np.random.default_rng(0)
+        with open(folder / "HAM10000_metadata.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["lesion_id", "image_id", "dx", "dx_type", "age", "sex",
+                             "localization", "dataset"])
+            for i in range(n):
+                writer.writerow([f"HAM_{i:07d}", f"ISIC_{i:07d}", classes[i % len(classes)],
+                                 "histo", 40, "male", "back",
+                                 site_of(i) if site_of else "site-a"])
+                Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(
+                    folder / "images" / f"ISIC_{i:07d}.jpg")
+        return folder
+
+    return write

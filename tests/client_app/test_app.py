@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import csv
 import logging
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-from PIL import Image
 
 from client_app import app as client_app
 from fedlsc_common.settings import compose, to_run_config
@@ -23,19 +21,8 @@ CLASSES = ["nv", "mel", "bkl", "bcc"]
 
 
 @pytest.fixture
-def site(tmp_path):
-    folder = tmp_path / "data"
-    (folder / "images").mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    with open(folder / "HAM10000_metadata.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["lesion_id", "image_id", "dx", "dx_type", "age", "sex",
-                         "localization", "dataset"])
-        for i in range(40):
-            writer.writerow([f"HAM_{i:07d}", f"ISIC_{i:07d}", CLASSES[i % 4], "histo", 40,
-                             "male", "back", "site-a"])
-            Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(
-                folder / "images" / f"ISIC_{i:07d}.jpg")
+def site(tmp_path, write_tiny_ham):
+    folder = write_tiny_ham(tmp_path / "data", 40, CLASSES)
     flat = to_run_config(compose(["model=small", "dataset.image_size=32", "training.batch_size=8",
                                   "training.max_batches_per_epoch=2"]))
     node = {"partition-id": 0, "num-partitions": 1, "site-name": "site-a",

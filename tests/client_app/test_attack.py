@@ -3,14 +3,12 @@ and nothing when it is off. Two generated sites split as ``partition=site``."""
 
 from __future__ import annotations
 
-import csv
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-from PIL import Image
 
 from client_app import app as client_app
 from client_app.attack import label_permutation, poison_update, shuffle_labels
@@ -26,21 +24,10 @@ CLASSES = ["nv", "mel", "bkl", "bcc", "akiec", "df", "vasc"]
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
+def data_dir(tmp_path_factory, write_tiny_ham):
     """Two contributing sites of 60 images each, all 7 classes at both."""
-    folder = tmp_path_factory.mktemp("attack") / "data"
-    (folder / "images").mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    with open(folder / "HAM10000_metadata.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["lesion_id", "image_id", "dx", "dx_type", "age", "sex",
-                         "localization", "dataset"])
-        for i in range(120):
-            writer.writerow([f"HAM_{i:07d}", f"ISIC_{i:07d}", CLASSES[i % 7], "histo", 40,
-                             "male", "back", "site-a" if i < 60 else "site-b"])
-            Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(
-                folder / "images" / f"ISIC_{i:07d}.jpg")
-    return folder
+    return write_tiny_ham(tmp_path_factory.mktemp("attack") / "data", 120, CLASSES,
+                          lambda i: "site-a" if i < 60 else "site-b")
 
 
 def _run_config(data_dir, *attack):

@@ -3,33 +3,15 @@ a SuperNode would."""
 
 from __future__ import annotations
 
-import csv
 import json
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from fedlsc_common.settings import compose, to_run_config
 from fedlsc_tools.inprocess import run_in_process
 
 pytestmark = pytest.mark.slow
 CLASSES = ["nv", "mel", "bkl", "bcc"]
-
-
-def _ham(folder, n=48):
-    (folder / "images").mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    with open(folder / "HAM10000_metadata.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["lesion_id", "image_id", "dx", "dx_type", "age", "sex",
-                         "localization", "dataset"])
-        for i in range(n):
-            writer.writerow([f"HAM_{i:07d}", f"ISIC_{i:07d}", CLASSES[i % 4], "histo", 40,
-                             "male", "back", "site-a"])
-            Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(
-                folder / "images" / f"ISIC_{i:07d}.jpg")
-    return folder
 
 
 def _config(tmp_path, data):
@@ -44,8 +26,8 @@ def _config(tmp_path, data):
     return flat
 
 
-def test_two_sites_two_rounds_write_the_results_of_a_run(tmp_path):
-    flat = _config(tmp_path, _ham(tmp_path / "data"))
+def test_two_sites_two_rounds_write_the_results_of_a_run(tmp_path, write_tiny_ham):
+    flat = _config(tmp_path, write_tiny_ham(tmp_path / "data", 48, CLASSES))
     run_in_process(flat, [{"partition-id": i, "num-partitions": 2} for i in range(2)])
     summary = json.loads((tmp_path / "results" / "summary.json").read_text())
     assert summary["rounds"] == 2 and summary["rounds_aggregated"] == 2
@@ -57,8 +39,8 @@ def test_two_sites_two_rounds_write_the_results_of_a_run(tmp_path):
         assert (tmp_path / "results" / "sites" / site / "personalized_model.pt").is_file()
 
 
-def test_a_failing_site_is_an_error_reply_named_in_the_results(tmp_path):
-    data = _ham(tmp_path / "data")
+def test_a_failing_site_is_an_error_reply_named_in_the_results(tmp_path, write_tiny_ham):
+    data = write_tiny_ham(tmp_path / "data", 48, CLASSES)
     flat = _config(tmp_path, data)
     nodes = [{"partition-id": 0, "num-partitions": 2},
              {"partition-id": 1, "num-partitions": 2, "site-name": "broken",
