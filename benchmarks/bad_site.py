@@ -570,16 +570,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def publish(out: Path, report: str, prefix: Path) -> None:
     """The report as PREFIX.md, its plots beside it as PREFIX_<name>.png (links rewritten)."""
-    from fedlsc_common.storage import atomic_write, atomic_write_text
+    from fedlsc_tools.reports import publish_report
 
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    for png in sorted(out.glob("bad_site_*.png")):
-        target = prefix.parent / f"{prefix.name}_{png.name}"
-        data = png.read_bytes()
-        atomic_write(target, lambda f, data=data: f.write(data))
-        report = report.replace(f"]({png.name})", f"]({target.name})")
-    atomic_write_text(prefix.with_suffix(".md"), report)
-    print(f"published to {prefix.with_suffix('.md')}")
+    publish_report(report, out.glob("bad_site_*.png"), prefix)
 
 
 def _selected(job: Job, only: Sequence[str]) -> bool:

@@ -228,6 +228,24 @@ def load_runs(out: Path) -> dict[tuple[str, str], dict[int, dict[str, Any]]]:
     return found
 
 
+def runs_jsonl(found: Mapping[tuple[str, str], dict[int, dict[str, Any]]]) -> str:
+    """One line per finished run: its final scores and the global model's per round."""
+    lines = []
+    for (split, method), runs in sorted(found.items()):
+        for seed, run in sorted(runs.items()):
+            summary = run["summary"]
+            lines.append(json.dumps({
+                "split": split, "method": method, "seed": seed,
+                "rounds": summary.get("rounds"), "global-model-scored": global_scored(summary),
+                "final": summary["final"],
+                "global-balanced-accuracy-per-round": [
+                    row.get("global", {}).get("balanced-accuracy") for row in run["rows"]],
+                "global-accuracy-per-round": [
+                    row.get("global", {}).get("accuracy") for row in run["rows"]],
+            }, sort_keys=True))
+    return "\n".join(lines) + "\n"
+
+
 def _ordered(found: Mapping[tuple[str, str], Any], split: str) -> list[str]:
     present = {m for s, m in found if s == split}
     return [m for m in METHODS if m in present] + sorted(present - set(METHODS))
@@ -448,6 +466,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "faster on a small machine)")
     parser.add_argument("--flwr-home", type=Path, default=None,
                         help="FLWR_HOME for this sweep (default OUT/flwr-home)")
+    parser.add_argument("--publish", type=Path, default=None, metavar="PREFIX",
+                        help="also write the report as PREFIX.md, its plots as "
+                             "PREFIX_<plot>.png and every finished run's scores as "
+                             "PREFIX_runs.jsonl, e.g. benchmarks/reports/cpu-2026-11-28")
+    parser.add_argument("--preface", type=Path, default=None, metavar="FILE",
+                        help="markdown put before the generated report when publishing "
+                             "(what was run, on which machine, what was cut)")
     args = parser.parse_args(argv)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -468,6 +493,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     (out / "table.md").write_text(report)
     print(report)
     print(f"written to {out / 'table.md'}")
+    if args.publish:
+        from fedlsc_tools.reports import publish_report
+
+        preface = args.preface.read_text() if args.preface else ""
+        publish_report(preface + report, out.glob("accuracy_*.png"), args.publish,
+                       {"_runs.jsonl": runs_jsonl(load_runs(out))})
     return 0
 
 

@@ -129,6 +129,26 @@ def test_report_from_result_files(tmp_path):
     assert (tmp_path / "accuracy_dirichlet.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_publish_writes_report_plots_and_per_run_scores(tmp_path):
+    out = tmp_path / "sweep"
+    for seed in (0, 1):
+        _fake_run(out, "dirichlet", "fedavg", seed, [0.4, 0.5 + seed / 10])
+    preface = tmp_path / "preface.md"
+    preface.write_text("# What was run\n\n")
+    prefix = tmp_path / "reports" / "cpu-x"
+    assert pt.main(["--out", str(out), "--table-only", "--publish", str(prefix),
+                    "--preface", str(preface)]) == 0
+    report = (tmp_path / "reports" / "cpu-x.md").read_text()
+    assert report.startswith("# What was run\n\n# FedLSC paper table")
+    assert "](cpu-x_accuracy_dirichlet.png)" in report
+    assert (tmp_path / "reports" / "cpu-x_accuracy_dirichlet.png").read_bytes()[:4] == b"\x89PNG"
+    runs = [json.loads(line) for line in
+            (tmp_path / "reports" / "cpu-x_runs.jsonl").read_text().splitlines()]
+    assert [(r["method"], r["seed"]) for r in runs] == [("fedavg", 0), ("fedavg", 1)]
+    assert runs[1]["global-accuracy-per-round"] == [0.4, 0.6]
+    assert runs[1]["final"]["global"]["balanced-accuracy"] == 0.3
+
+
 def test_fp16_variant_is_fedlsc_with_float16_updates():
     flat = pt.overrides_for("cpu", "dirichlet", "fedlsc-fp16", 1)
     settings = Settings.from_hydra(flat)
