@@ -16,7 +16,11 @@ back from those result files.
 Presets (Hydra overrides of ``conf/``, the one source of truth):
   recipe — the main job's recipe, conf/'s defaults: EfficientNet-Lite0-SA (ImageNet), 96 px,
           10 rounds of 40 batches per site, cosine lr decay; recipe-4x1: the same network,
-          4 rounds of whole local epochs, constant lr (the earlier main job).
+          4 rounds of whole local epochs, constant lr (the earlier main job); recipe-lite:
+          the same network at 64 px, 3 rounds of <= 30 batches (all 8 methods x 2 splits x
+          5 seeds fit one session on a 2-core CPU: benchmarks/reports/cpu-2026-11-28-*).
+  --publish PREFIX [--preface FILE] also writes the report, plots and per-run scores into
+          the repository (PREFIX.md, PREFIX_<plot>.png, PREFIX_runs.jsonl).
   cpu   — 32 px images, 10 batches of 32 per local epoch, 4 rounds: sized for a 2-core CPU.
   paper — ``+experiment=paper``: Res2Net50-SA, 224 px, whole local epochs, 50 rounds.
 """
@@ -404,6 +408,7 @@ def plot_split(found: Mapping[tuple[str, str], dict[int, dict]], split: str,
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("held-out score (lesion-grouped)")
     axes[0].legend(fontsize=7)
+    axes[-1].legend(fontsize=7)  # the only panel with the methods whose global is not scored
     fig.suptitle(f"HAM10000, partition={split}: mean over seeds (band ± std)")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
