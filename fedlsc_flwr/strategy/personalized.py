@@ -328,9 +328,17 @@ class LocalOnly(PersonalizedFedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        messages = super().configure_train(server_round, arrays, config, grid)
-        self.personalized_layers = frozenset(layer.name for layer in self._layers(arrays))
-        self.never_shared = self.personalized_layers
+        every_layer = frozenset(layer.name for layer in self._layers(arrays))
+        first = not self.personalized_layers  # a resumed run has them from its checkpoint
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.personalized_layers = self.never_shared = every_layer
+        if first:
+            # The initial model went out whole, yet every layer is already the site's own:
+            # it keeps this round's training as its personalized model (evaluated this
+            # round too) and sends nothing back.
+            for message in messages:
+                message.content[self.configrecord_key][PERSONALIZED_LAYERS_KEY] = sorted(
+                    every_layer)
         return messages
 
 

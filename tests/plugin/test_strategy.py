@@ -151,6 +151,23 @@ def test_stage1_matches_reference(n, temperature):
                                   "attention", "classifier"}
 
 
+def test_local_only_hands_out_the_initial_model_once_and_every_layer_stays_private():
+    rng = np.random.default_rng(0)
+    g = small_model_state(rng)
+    strategy = build_strategy("local-only")
+    messages = configure(strategy, g)
+    layers = {k.rsplit(".", 1)[0] for k in g}
+    # Round 1: the whole initial model goes out, and the sites already keep every layer
+    # (so round 1's training is their personalized model from round 1 on).
+    assert set(messages[0].content["arrays"]) == set(g)
+    assert set(messages[0].content["config"][PERSONALIZED_LAYERS_KEY]) == layers
+    assert strategy.personalized_layers == strategy.never_shared == layers
+    # Later rounds: nothing goes out, every layer is named private.
+    later = configure(strategy, g, round_=2)
+    assert set(later[0].content["arrays"]) == set()
+    assert set(later[0].content["config"][PERSONALIZED_LAYERS_KEY]) == layers
+
+
 def test_stage2_sends_and_aggregates_only_shared_layers():
     rng = np.random.default_rng(0)
     g = small_model_state(rng)
