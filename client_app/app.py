@@ -138,10 +138,15 @@ def train(msg: Message, context: Context) -> Message:
     model = site.assemble(arrays.to_torch_state_dict(), personalized,
                           site.load_local_state(), server_round)
     # Exactly the tensors the server kept back (with a layer's or tensor's buffers, as its
-    # grouping has them): the personalized model is these local values over the global.
-    site.save_personalized_list(sorted(set(model.state_dict()) - set(arrays)))
+    # grouping has them), and those it sent but names as the site's own (local-only's
+    # round 1: the initial model): the personalized model is these local values over the
+    # global. The rest is shared: trained towards the global values, and sent back.
+    own = {k for k in model.state_dict()
+           if k not in arrays or is_personalized(k, personalized)}
+    shared = [k for k in arrays if k not in own]
+    site.save_personalized_list(sorted(own))
     timeline.mark("model-ready")
-    stats, lr, num_train = site.train(model, set(arrays), server_round,
+    stats, lr, num_train = site.train(model, set(shared), server_round,
                                       float(config.get(PROXIMAL_MU_KEY, 0.0)))
     timeline.marks["train-start"] = stats.started
     timeline.marks["train-end"] = stats.started + stats.seconds
@@ -152,7 +157,7 @@ def train(msg: Message, context: Context) -> Message:
     sent_back = _poisoned(site, state, arrays)
     update_dtype = str(config.get(UPDATE_DTYPE_KEY, "float32"))
     encoded = {k: encode_update(sent_back[k].numpy(), array_view(arrays[k]), update_dtype)
-               for k in arrays}
+               for k in shared}
     reply = ArrayRecord({k: array_from_numpy(value) for k, (value, _) in encoded.items()})
     metrics = MetricRecord({
         "num-examples": stats.examples, "train-loss": stats.loss,

@@ -339,6 +339,7 @@ class LocalOnly(PersonalizedFedAvg):
             for message in messages:
                 message.content[self.configrecord_key][PERSONALIZED_LAYERS_KEY] = sorted(
                     every_layer)
+        self._sent_keys = []  # no reply carries a shared tensor
         return messages
 
 

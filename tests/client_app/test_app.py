@@ -141,6 +141,36 @@ def test_every_method_trains_two_rounds_with_the_real_client_app(site, name):
         arrays = new
 
 
+def test_local_only_round_one_training_is_the_personalized_model_and_stays_home(site):
+    """Local-only hands out the initial model in round 1 with every layer named the site's
+    own: the site sends nothing back, and its personalized model of round 1 is the model
+    it trained (not the untrained initial one)."""
+    from fedlsc_common.storage import read_model_file
+
+    flat, node, out = site
+    strategy = build_strategy("local-only", min_available_nodes=2, min_train_nodes=2,
+                              min_train_replies=2)
+    contexts = {nid: Context(run_id=1, node_id=nid, state=RecordDict(), run_config=flat,
+                             node_config={**node, "site-name": f"site-{nid}",
+                                          "output-dir": str(out / f"site-{nid}")})
+                for nid in (1, 2)}
+    initial = _global_arrays()
+    messages = list(strategy.configure_train(1, initial, ConfigRecord(), _TwoNodes()))
+    assert set(messages[0].content["arrays"]) == set(initial)
+    replies = [client_app.train(m, contexts[m.metadata.dst_node_id]) for m in messages]
+    assert [len(r.content["arrays"]) for r in replies] == [0, 0]
+    new, _ = strategy.aggregate_train(1, replies)
+    assert strategy.failures["train"] == []
+    msg = Message(RecordDict({"arrays": new, "config": ConfigRecord({"server-round": 1})}),
+                  dst_node_id=1, message_type=MessageType.EVALUATE)
+    assert not client_app.evaluate(msg, contexts[1]).has_error()
+    local = torch.load(out / "site-1" / "local_state.pt", weights_only=True)["state_dict"]
+    personal = read_model_file(out / "site-1" / "personalized_model.pt")["state_dict"]
+    key = "classifier.weight"
+    np.testing.assert_array_equal(np.asarray(personal[key]), local[key].numpy())
+    assert not np.allclose(local[key].numpy(), initial[key].numpy())
+
+
 def test_tensor_granularity_personalized_model_keeps_its_own_running_statistics(site):
     """A personalized norm weight (granularity 'tensor') brings its running statistics
     with it: the site's personalized model must not pair them with the global ones."""
