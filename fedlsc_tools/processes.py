@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 #: `flwr run` in simulation starts (or reuses) a local SuperLink on this fixed address.
@@ -32,9 +32,14 @@ def local_superlink_owner(address: tuple[str, int] = LOCAL_SUPERLINK) -> str | N
         if s.connect_ex(address) != 0:
             return None
     for pid, cmd in command_lines():
-        if "flower-superlink" in cmd and f"--port {address[1]}" in cmd:
+        if _is_superlink_on(cmd, address[1]):
             return f"pid {pid}: {cmd.strip()}"
     return "an unknown process"
+
+
+def _is_superlink_on(cmd: str, port: int) -> bool:
+    """Is command line ``cmd`` a ``flower-superlink`` started with ``--port <port>``?"""
+    return "flower-superlink" in cmd and f"--port {port} " in f"{cmd} "
 
 
 def local_superlink_port() -> int:
@@ -45,11 +50,11 @@ def local_superlink_port() -> int:
 
 def superlink_pids(port: int) -> set[int]:
     """PIDs of the ``flower-superlink`` processes started with ``--port <port>``."""
-    return {pid for pid, cmd in command_lines()
-            if "flower-superlink" in cmd and f"--port {port} " in f"{cmd} "}
+    return {pid for pid, cmd in command_lines() if _is_superlink_on(cmd, port)}
 
 
-def stop_pids(pids: set[int], sig: int = signal.SIGTERM) -> None:
+def stop_pids(pids: Iterable[int], sig: int = signal.SIGTERM) -> None:
+    """Send ``sig`` to each of ``pids``; one that has already gone is no error."""
     for pid in pids:
         try:
             os.kill(pid, sig)
@@ -59,11 +64,8 @@ def stop_pids(pids: set[int], sig: int = signal.SIGTERM) -> None:
 
 def stop_processes_naming(marker: str, announce: bool = False) -> None:
     """SIGTERM the processes whose command line names ``marker``, and no other."""
-    for pid, cmd in command_lines():
-        if marker in cmd:
-            if announce:
-                print(f"stopping process {pid}: {cmd[:120]}", flush=True)
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+    marked = [(pid, cmd) for pid, cmd in command_lines() if marker in cmd]
+    if announce:
+        for pid, cmd in marked:
+            print(f"stopping process {pid}: {cmd[:120]}", flush=True)
+    stop_pids(pid for pid, _ in marked)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fedlsc_tools.processes import LOCAL_SUPERLINK, local_superlink_owner
+from fedlsc_tools.processes import LOCAL_SUPERLINK, local_superlink_owner, stop_pids
 
 
 @pytest.fixture
@@ -56,11 +56,7 @@ def stop_processes():
     e.g. the detached local SuperLink a test's FLWR_HOME started. Never others'."""
 
     def stop(text: str, sig: int = signal.SIGTERM) -> None:
-        for pid in processes_mentioning(text):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
+        stop_pids(processes_mentioning(text), sig)
 
     return stop
 
