@@ -390,11 +390,17 @@ def balanced_sampler(records: Sequence[Record], seed: int = 0, power: float = 1.
         raise ValueError(f"balanced_sampler: power = {power!r}: must be in [0, 1]")
     if min_count < 0:
         raise ValueError(f"balanced_sampler: min_count = {min_count!r}: must be >= 0")
-    counts = class_counts(records)
-    weights = torch.tensor([max(counts[r.label], min_count) ** -power for r in records],
-                           dtype=torch.float64)
+    per_image = _balanced_image_weights(class_counts(records), power, min_count)
+    weights = torch.tensor([per_image[r.label] for r in records], dtype=torch.float64)
     generator = torch.Generator().manual_seed(seed)
     return WeightedRandomSampler(weights, len(records), replacement=True, generator=generator)
+
+
+def _balanced_image_weights(counts: Sequence[int], power: float,
+                            min_count: int) -> list[float]:
+    """The draw weight of one image of each class: max(count, min_count)^-power (0 for a
+    class with no image)."""
+    return [max(n, min_count) ** -power if n > 0 else 0.0 for n in counts]
 
 
 #: The logit offset of a class a site holds no image of: its softmax weight in the loss is
@@ -408,12 +414,13 @@ def sampled_class_prior(records: Sequence[Record], *, balanced: bool, power: flo
     """The class distribution a training loader draws from: in proportion to the counts
     when shuffling, to count·max(count, min_count)^−power with :func:`balanced_sampler`;
     0 for a class with no image."""
-    counts = torch.tensor(class_counts(records, num_classes), dtype=torch.float64)
-    if counts.sum() <= 0:
+    counts = class_counts(records, num_classes)
+    if sum(counts) <= 0:
         raise ValueError("sampled_class_prior: no records")
-    mass = counts * counts.clamp(min=max(min_count, 1)) ** -power if balanced \
-        else counts.clone()
-    mass[counts == 0] = 0.0
+    per_image = _balanced_image_weights(counts, power, min_count) if balanced \
+        else [1.0] * num_classes
+    mass = torch.tensor(counts, dtype=torch.float64) * torch.tensor(per_image,
+                                                                    dtype=torch.float64)
     return (mass / mass.sum()).float()
 
 
