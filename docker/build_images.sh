@@ -51,7 +51,8 @@ timed() {  # timed NAME command...: run it, print "TIMING NAME seconds"
   echo "TIMING $name $((SECONDS - start))"
 }
 docker_build() {  # docker_build LOGNAME args...: full output in $BUILD_DIR/LOGNAME.log
-  if ! docker build "${@:2}" >"$BUILD_DIR/$1.log" 2>&1; then
+  # --force-rm: a failed step leaves no container (and the image under it) behind.
+  if ! docker build --force-rm "${@:2}" >"$BUILD_DIR/$1.log" 2>&1; then
     echo "build_images: docker build failed; the end of $BUILD_DIR/$1.log:" >&2
     tail -30 "$BUILD_DIR/$1.log" >&2
     return 1
@@ -189,9 +190,31 @@ if [ "${#missing[@]}" -gt 0 ]; then
   done
 fi
 
+image_id() { docker image inspect -f '{{.Id}}' "$1" 2>/dev/null || true; }
+free_gib() {  # free GiB on the filesystem of Docker's data root
+  local dir; dir="$(docker info -f '{{.DockerRootDir}}' 2>/dev/null || echo /var/lib/docker)"
+  df -P -BG "$dir" 2>/dev/null | awk 'NR == 2 {sub("G", "", $4); print $4}'
+}
+free="$(free_gib)"
+if [ -n "$free" ] && [ "$free" -lt "${FEDLSC_DOCKER_MIN_FREE_GIB:-8}" ]; then
+  # A change of pyproject.toml rebuilds the dependency layer: about 6 GB (torch).
+  log "warning: only ${free} GiB free for Docker; rebuilding the dependency layer takes about 6" \
+    "(docker image prune removes untagged images)"
+fi
+old_project="$(image_id "$PROJECT_IMAGE")"
 log "project image $PROJECT_IMAGE (docker/superexec.Dockerfile on flwr/superexec:$FLWR_VERSION)"
 timed project docker_build project -f "$here/superexec.Dockerfile" \
   --build-arg "FLWR_VERSION=$FLWR_VERSION" -t "$PROJECT_IMAGE" "$root"
+new_project="$(image_id "$PROJECT_IMAGE")"
+if [ -n "$old_project" ] && [ "$old_project" != "$new_project" ] \
+    && [ "$(docker image inspect -f '{{len .RepoTags}}' "$old_project" 2>/dev/null)" = 0 ]; then
+  # The image this build replaced is untagged now: remove it (and its layers no other image
+  # uses), or every rebuild after a dependency change keeps another 6 GB. One a container
+  # still uses stays.
+  if docker rmi "$old_project" >/dev/null 2>&1; then
+    log "removed the replaced project image ${old_project#sha256:}"
+  fi
+fi
 
 docker image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' \
   | grep -E "^(flwr/(superlink|supernode|superexec):$FLWR_VERSION|$PROJECT_IMAGE|$BASE_IMAGE) " \

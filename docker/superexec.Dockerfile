@@ -7,8 +7,9 @@ FROM flwr/superexec:${FLWR_VERSION}
 
 WORKDIR /app
 # Dependencies first, from pyproject.toml alone, so that a change of the code reuses this
-# (multi-GB: torch) layer. flwr is already in the base image at the pinned version.
-COPY --chown=app:app pyproject.toml README.md ./
+# (multi-GB: torch) layer. flwr is already in the base image at the pinned version. The
+# README (the package's long description) comes later: an edit of it must not rebuild this.
+COPY --chown=app:app pyproject.toml ./
 RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; print('\n'.join(d for d in deps if not d.replace(' ', '').startswith('flwr')))" > /tmp/requirements.txt \
     && python -m pip install --no-cache-dir -r /tmp/requirements.txt
 COPY --chown=app:app fedlsc_flwr ./fedlsc_flwr
@@ -17,6 +18,7 @@ COPY --chown=app:app server_app ./server_app
 COPY --chown=app:app client_app ./client_app
 COPY --chown=app:app fedlsc_tools ./fedlsc_tools
 COPY --chown=app:app conf ./conf
+COPY --chown=app:app README.md ./
 RUN python -m pip install --no-cache-dir --no-deps .
 
 ENTRYPOINT ["flower-superexec"]
