@@ -290,6 +290,8 @@ class Site:
             equal_steps=t.equal_local_steps,
             frozen_bn_statistics=t.frozen_bn_statistics,
             lr_step_epochs=0 if by_round else t.lr_step_size, lr_gamma=t.lr_gamma,
+            optimizer_name=t.optimizer, momentum=t.momentum, weight_decay=t.weight_decay,
+            label_smoothing=t.label_smoothing,
             label=f"{self.identity.name} round {server_round}")
         return stats, lr, num_train
 

@@ -81,6 +81,18 @@ def add_proximal_gradient(params: list[torch.Tensor], anchors: list[torch.Tensor
                             torch._foreach_sub(with_grad, anchored), alpha=mu)
 
 
+def make_optimizer(name: str, params: list[torch.nn.Parameter], *, lr: float,
+                   momentum: float = 0.9, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """The local optimizer ``name``: "adam", "adamw" or "sgd" (``momentum``, not Nesterov)."""
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}: expected 'adam', 'adamw' or 'sgd'")
+
+
 def train_local(
     model: nn.Module,
     loader: Iterable,
@@ -97,10 +109,15 @@ def train_local(
     frozen_bn_statistics: bool = False,
     lr_step_epochs: int = 0,
     lr_gamma: float = 0.1,
+    optimizer_name: str = "adam",
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    label_smoothing: float = 0.0,
     log_every_seconds: float = 30.0,
     label: str = "site",
 ) -> TrainStats:
-    """Adam on cross-entropy (+ the proximal term towards ``anchor`` = w_g, by name).
+    """``optimizer_name`` (Adam by default, see :func:`make_optimizer`) on cross-entropy (with
+    ``label_smoothing``) + the proximal term towards ``anchor`` = w_g, by name.
 
     ``logit_offsets`` (the logit-adjusted loss: τ·log prior per class) are added to the
     logits inside the loss only; the model and its predictions stay unadjusted.
@@ -116,9 +133,11 @@ def train_local(
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    optimizer = make_optimizer(optimizer_name, [p for p in model.parameters() if p.requires_grad],
+                               lr=lr, momentum=momentum, weight_decay=weight_decay)
     criterion = nn.CrossEntropyLoss(
-        weight=None if class_weights is None else class_weights.to(device))
+        weight=None if class_weights is None else class_weights.to(device),
+        label_smoothing=label_smoothing)
     offsets = None if logit_offsets is None else logit_offsets.to(device).float()
     named = dict(model.named_parameters())
     prox_names = [n for n in (anchor or {}) if n in named and named[n].requires_grad]

@@ -122,6 +122,11 @@ class ModelSettings:
                                                             self.pretrained)
 
 
+#: The local optimizers (``training.optimizer``): Adam (the paper's), AdamW (decoupled
+#: weight decay), SGD with ``training.momentum``.
+OPTIMIZERS = ("adam", "adamw", "sgd")
+
+
 @dataclass(frozen=True)
 class TrainingSettings:
     local_epochs: int
@@ -139,6 +144,10 @@ class TrainingSettings:
     sampling_power: float
     balance_min_count: int
     logit_adjustment: float
+    optimizer: str
+    momentum: float
+    weight_decay: float
+    label_smoothing: float
     num_workers: int
 
 
@@ -269,6 +278,11 @@ class Settings:
              "at least 0 (0 = off)"),
             (0 <= self.training.logit_adjustment <= 2, "training.logit-adjustment",
              "in [0, 2] (0 = off)"),
+            (self.training.optimizer in OPTIMIZERS, "training.optimizer",
+             f"one of {', '.join(OPTIMIZERS)}"),
+            (0 <= self.training.momentum < 1, "training.momentum", "in [0, 1)"),
+            (self.training.weight_decay >= 0, "training.weight-decay", "at least 0"),
+            (0 <= self.training.label_smoothing < 1, "training.label-smoothing", "in [0, 1)"),
             (self.min_train_nodes >= 1, "min-train-nodes", "at least 1"),
             (self.min_available_nodes >= self.min_train_nodes, "min-available-nodes",
              f"at least min-train-nodes ({self.min_train_nodes})"),

@@ -12,6 +12,7 @@ from client_app.training import (
     add_proximal_gradient,
     confusion_matrix,
     lr_for_round,
+    make_optimizer,
     proximal_value,
     train_local,
 )
@@ -75,6 +76,51 @@ def test_train_local_learns_and_respects_max_batches():
                          max_batches=3)
     assert capped.examples == 2 * 3 * 16
     assert stats.accuracy > 0.5
+
+
+@pytest.mark.parametrize("name, lr", [("adam", 0.01), ("adamw", 0.01), ("sgd", 0.1)])
+def test_each_local_optimizer_learns_the_toy_task(name, lr):
+    torch.manual_seed(0)
+    model = _toy_model()
+    loader = _toy_loader(256)
+    before, _ = confusion_matrix(model, loader, torch.device("cpu"), 2)
+    train_local(model, loader, epochs=10, lr=lr, device=torch.device("cpu"),
+                optimizer_name=name, weight_decay=1e-4)
+    after, _ = confusion_matrix(model, loader, torch.device("cpu"), 2)
+    assert np.trace(after) / after.sum() > 0.9 > np.trace(before) / before.sum()
+
+
+def test_make_optimizer_builds_what_is_named_and_rejects_the_rest():
+    params = [nn.Parameter(torch.zeros(2))]
+    sgd = make_optimizer("sgd", params, lr=0.1, momentum=0.8, weight_decay=0.01)
+    assert isinstance(sgd, torch.optim.SGD)
+    assert sgd.param_groups[0]["momentum"] == 0.8 and sgd.param_groups[0]["weight_decay"] == 0.01
+    assert isinstance(make_optimizer("adamw", params, lr=0.1), torch.optim.AdamW)
+    assert type(make_optimizer("adam", params, lr=0.1)) is torch.optim.Adam
+    with pytest.raises(ValueError, match="'rmsprop'"):
+        make_optimizer("rmsprop", params, lr=0.1)
+
+
+def test_label_smoothing_keeps_the_model_from_full_confidence():
+    # A separable task trained long: plain targets push the true class's probability to
+    # about 1; smoothed targets (0.2 spread over 2 classes: the optimum is 0.9) hold it
+    # below that, and the model still separates the classes.
+    x = torch.randn(64, 4, 1, 1, generator=torch.Generator().manual_seed(5))
+    y = (x[:, 0, 0, 0] > 0).long()
+    loader = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
+    confidence, accuracy = {}, {}
+    for smoothing in (0.0, 0.2):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+        train_local(model, loader, epochs=200, lr=0.05, device=torch.device("cpu"),
+                    label_smoothing=smoothing)
+        with torch.no_grad():
+            probabilities = model(x).softmax(1)
+        confidence[smoothing] = float(probabilities[torch.arange(64), y].median())
+        accuracy[smoothing] = float((probabilities.argmax(1) == y).float().mean())
+    assert confidence[0.0] > 0.98
+    assert confidence[0.2] < 0.91
+    assert accuracy[0.2] > 0.9
 
 
 def test_logit_offsets_keep_a_site_from_pushing_down_classes_it_lacks():

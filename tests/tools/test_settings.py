@@ -63,6 +63,10 @@ def test_paper_experiment_and_group_switches():
     ("training.sampling-power", 2.0, "'training.sampling-power' = 2.0: must be in [0, 1]"),
     ("training.balance-min-count", -1, "'training.balance-min-count' = -1: must be at least 0"),
     ("training.logit-adjustment", -1.0, "'training.logit-adjustment' = -1.0: must be in [0, 2]"),
+    ("training.optimizer", "rmsprop", "'training.optimizer' = 'rmsprop': must be one of adam"),
+    ("training.momentum", 1.0, "'training.momentum' = 1.0: must be in [0, 1)"),
+    ("training.weight-decay", -0.1, "'training.weight-decay' = -0.1: must be at least 0"),
+    ("training.label-smoothing", 1.0, "'training.label-smoothing' = 1.0: must be in [0, 1)"),
 ])
 def test_bad_values_name_key_and_value(key, value, words):
     flat = to_run_config(compose())
