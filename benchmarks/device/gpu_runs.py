@@ -13,7 +13,14 @@
         per (split, seed), all at once on the one GPU; stopped at SECONDS, then the table is
         rebuilt from the runs that finished.
 
-Neither needs a network: FEDLSC_DATA_DIR points at the carried images and ``--pretrained``
+    python benchmarks/device/gpu_runs.py recipes --out DIR --seconds 480 --parallel 14 \
+            --variants benchmarks/device/recipe_screen.json --seeds 0 1 2
+        A screen of main-job recipes: each variant (a name and Hydra overrides on top of the
+        main job's settings) for each seed, one in-process run per process, all at once on
+        the one GPU; stopped at SECONDS. Writes recipes.md (final and best global balanced
+        accuracy per variant and seed, mean over seeds) and recipes.jsonl (every round).
+
+None needs a network: FEDLSC_DATA_DIR points at the carried images and ``--pretrained``
 at a local backbone checkpoint when the weights package is not installed.
 """
 
@@ -133,9 +140,92 @@ def run_table(out: Path, seconds: float, parallel: int, seeds: list[int],
     return 0
 
 
+def _run_config_file(out: Path, overrides: list[str]) -> Path:
+    """The composed settings (main job's defaults + ``overrides``) as a run-config TOML file,
+    with results and the sites' files under ``out``."""
+    from fedlsc_common.settings import Settings, compose, run_config_toml, to_run_config
+
+    cfg = compose(overrides)
+    cfg["results_dir"] = str(out / "results")
+    cfg["site_output_dir"] = str(out / "sites")
+    settings = Settings.from_run_config(to_run_config(cfg))
+    toml_file = out / "run_config.toml"
+    toml_file.write_text(run_config_toml(settings.to_run_config()))
+    return toml_file
+
+
+def run_recipes(out: Path, seconds: float, parallel: int, seeds: list[int],
+                variants: dict[str, list[str]], common: list[str]) -> int:
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [(name, seed) for seed in seeds for name in variants]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    running: list[tuple[subprocess.Popen, object]] = []
+    deadline = time.monotonic() + seconds
+    pending, started = list(jobs), time.monotonic()
+    while (pending or running) and time.monotonic() < deadline:
+        while pending and len(running) < parallel:
+            name, seed = pending.pop(0)
+            run_dir = out / name / f"seed{seed}"
+            if (run_dir / "results" / "summary.json").is_file():
+                continue  # finished on an earlier call
+            run_dir.mkdir(parents=True, exist_ok=True)
+            toml_file = _run_config_file(run_dir, [*common, *variants[name], f"seed={seed}"])
+            log = open(run_dir / "run.log", "w")
+            command = [sys.executable, "-m", "fedlsc_tools.inprocess", str(toml_file),
+                       "--num-supernodes", "3"]
+            running.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                             cwd=ROOT, env=env, start_new_session=True), log))
+        time.sleep(5)
+        running = [(p, log) for p, log in running if p.poll() is None]
+        done = sum(1 for _ in out.glob("*/seed*/results/summary.json"))
+        print(f"{time.monotonic() - started:5.0f} s: {done} of {len(jobs)} runs finished, "
+              f"{len(running)} running", flush=True)
+    for proc, _ in running:
+        _stop(proc)
+    table, rows = summarise_recipes(out, variants, seeds)
+    (out / "recipes.md").write_text(table)
+    (out / "recipes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print(table)
+    return 0
+
+
+def summarise_recipes(out: Path, variants: dict[str, list[str]],
+                      seeds: list[int]) -> tuple[str, list[dict]]:
+    """A markdown table (one row per variant: each seed's last-round global balanced
+    accuracy, with the round it is from when the run did not finish) and every run's rounds."""
+    rows, lines = [], ["| variant | overrides | " + " | ".join(f"seed {s}" for s in seeds)
+                       + " | mean of finished |", "|---|---|" + "---|" * (len(seeds) + 1)]
+    for name, overrides in variants.items():
+        cells, finished = [], []
+        for seed in seeds:
+            results = out / name / f"seed{seed}" / "results"
+            metrics = results / "metrics.jsonl"
+            rounds = [json.loads(line) for line in metrics.read_text().splitlines()] \
+                if metrics.is_file() else []
+            scored = [(r["round"], r["global"]) for r in rounds if r.get("global")]
+            done = (results / "summary.json").is_file()
+            rows.append({"variant": name, "seed": seed, "overrides": overrides,
+                         "finished": done,
+                         "balanced_accuracy": {rnd: g.get("balanced-accuracy")
+                                               for rnd, g in scored},
+                         "accuracy": {rnd: g.get("accuracy") for rnd, g in scored}})
+            if not scored:
+                cells.append("–")
+                continue
+            last_round, last = scored[-1]
+            value = last.get("balanced-accuracy", float("nan"))
+            cells.append(f"{value:.3f}" if done else f"{value:.3f} (round {last_round})")
+            if done:
+                finished.append(value)
+        mean = f"{sum(finished) / len(finished):.3f} ({len(finished)})" if finished else "–"
+        lines.append(f"| {name} | {' '.join(overrides) or '(main job)'} | "
+                     + " | ".join(cells) + f" | {mean} |")
+    return "\n".join(lines) + "\n", rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("preset", "table"))
+    parser.add_argument("what", choices=("preset", "table", "recipes"))
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seconds", type=float, required=True, help="time box")
     parser.add_argument("--parallel", type=int, default=10)
@@ -146,7 +236,15 @@ def main(argv: list[str] | None = None) -> int:
                                  "fedprox-fc", "local-only", "fedlsc-fp16"])
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="Hydra overrides for every run")
+    parser.add_argument("--variants", type=Path,
+                        help="recipes: JSON object, variant name -> list of Hydra overrides")
     args = parser.parse_args(argv)
+    if args.what == "recipes":
+        if args.variants is None:
+            parser.error("recipes needs --variants FILE")
+        variants = json.loads(args.variants.read_text())
+        return run_recipes(args.out.resolve(), args.seconds, args.parallel, args.seeds,
+                           variants, args.set)
     if args.what == "preset":
         return run_preset(args.out.resolve(), args.seconds, args.set)
     return run_table(args.out.resolve(), args.seconds, args.parallel, args.seeds, args.splits,

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One lease of the GPU machine (the device tool), prepared and tried on CPU first:
 #   bash benchmarks/device/make_bundle.sh                     # here, once: builds .gpu/
-#   run (carry .gpu):  bash benchmarks/device/run_on_gpu.sh PRESET_SECONDS TABLE_SECONDS
+#   run (carry .gpu):  bash benchmarks/device/run_on_gpu.sh PRESET_SECONDS TABLE_SECONDS [RECIPE_SECONDS]
 # PRESET_SECONDS of the paper preset (issue 12 item 7), then TABLE_SECONDS of the paper
-# table with the main job's recipe (0 skips either). The preset starts from random weights:
+# table with the main job's recipe, then RECIPE_SECONDS of the screen of main-job recipes
+# in benchmarks/device/recipe_screen.json (RECIPE_SEEDS, default 0 1 2; 0 skips any). The preset starts from random weights:
 # Res2Net's ImageNet weights need timm's download, and that machine has no network. Work stays under /tmp/gpu-work, so a
 # second call on the same warm machine resumes the table; what comes back goes to $OUT.
 set -uo pipefail
@@ -18,7 +19,10 @@ if [ ! -e /tmp/site/.installed-$(ls .gpu/whl | md5sum | cut -c1-8) ]; then
   touch /tmp/site/.installed-$(ls .gpu/whl | md5sum | cut -c1-8)
 fi
 export PYTHONPATH=/tmp/site:$PWD/.gpu/pylib:$PWD${PYTHONPATH:+:$PYTHONPATH}
-export FEDLSC_DATA_DIR=$PWD/.gpu/ham10000 FEDLSC_CACHE_DIR=/tmp/fedlsc-cache
+if [ ! -e /tmp/ham10000/HAM10000_metadata.csv ]; then
+  python3 -m zipfile -e .gpu/ham10000.zip /tmp/ham10000 || exit 1
+fi
+export FEDLSC_DATA_DIR=/tmp/ham10000 FEDLSC_CACHE_DIR=/tmp/fedlsc-cache
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
 python3 -c "import torch, timm, flwr, numpy, hydra; print('torch', torch.__version__, 'timm', timm.__version__, 'flwr', flwr.__version__, 'numpy', numpy.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())" || exit 1
 nproc
@@ -35,5 +39,14 @@ if [ "${2:-0}" != 0 ]; then
   tar czf "$OUT"/table.tgz -C $work/table --exclude='*.pt' --exclude='fh-*' \
     --exclude='flwr-home' --exclude='sites' \
     --exclude='*/results/*.png' --exclude='tensorboard' .
+fi
+if [ "${3:-0}" != 0 ]; then
+  python3 benchmarks/device/gpu_runs.py recipes --out $work/recipes --seconds "$3" \
+    --parallel ${RECIPE_PARALLEL:-14} --variants benchmarks/device/recipe_screen.json \
+    --seeds ${RECIPE_SEEDS:-0 1 2} \
+    --set model.pretrained=$PWD/.gpu/lite0_imagenet_fp16.pt ${RECIPE_SET:-}
+  cp $work/recipes/recipes.md $work/recipes/recipes.jsonl "$OUT"/ 2>/dev/null
+  tar czf "$OUT"/recipes-logs.tgz -C $work/recipes --exclude='*.pt' --exclude='sites' \
+    --exclude='*.png' --exclude='tensorboard' .
 fi
 ls -la "$OUT"
