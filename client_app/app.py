@@ -32,6 +32,8 @@ from fedlsc_common.classes import CLASSES
 from fedlsc_flwr.metrics import classification_metrics
 from fedlsc_flwr.packing import packed_arrays_mod
 from fedlsc_flwr.wire import (
+    CLASS_COUNTS_KEY,
+    CLASS_COUNTS_METRIC,
     PERSONALIZED_LAYERS_KEY,
     PROXIMAL_MU_KEY,
     SITE_RECORD_KEY,
@@ -165,6 +167,8 @@ def train(msg: Message, context: Context) -> Message:
         "images-per-second": stats.images_per_second, "proximal-term": stats.proximal,
         "lr": lr, "train-set-size": num_train,
     })
+    if config.get(CLASS_COUNTS_KEY, False):
+        metrics[CLASS_COUNTS_METRIC] = site.train_class_counts()
     content = RecordDict({"arrays": reply, "metrics": metrics,
                           SITE_RECORD_KEY: site_record(site.identity.name)})
     if update_dtype == "float16":

@@ -20,7 +20,13 @@ import torch
 from torch import nn
 
 from client_app.attack import attack_training_records
-from client_app.data import class_weights, logit_offsets, make_loader, sampled_class_prior
+from client_app.data import (
+    class_counts,
+    class_weights,
+    logit_offsets,
+    make_loader,
+    sampled_class_prior,
+)
 from client_app.partition import load_site_split
 from client_app.training import (
     TrainStats,
@@ -294,6 +300,11 @@ class Site:
             label_smoothing=t.label_smoothing,
             label=f"{self.identity.name} round {server_round}")
         return stats, lr, num_train
+
+    def train_class_counts(self) -> list[int]:
+        """This site's number of training images per class (what its loader trains on)."""
+        return class_counts(self.loader("train").dataset.records,
+                            self.settings.model.num_classes)
 
     def model_info(self) -> dict[str, Any]:
         return {"backbone": self.settings.model.backbone,

@@ -86,6 +86,7 @@ class StrategySettings:
     agreement_min_gap: float
     agreement_rounds: int
     disagreeing_weight: float
+    class_weighted_head: bool
     num_malicious_nodes: int
     num_nodes_to_select: int
     trim_beta: float
@@ -242,6 +243,7 @@ class Settings:
                 min_train_replies=self.min_train_replies,
                 agreement_k=s.agreement_k, agreement_min_gap=s.agreement_min_gap,
                 agreement_rounds=s.agreement_rounds, disagreeing_weight=s.disagreeing_weight,
+                class_weighted_head=s.class_weighted_head,
                 num_malicious_nodes=s.num_malicious_nodes,
                 num_nodes_to_select=s.num_nodes_to_select, trim_beta=s.trim_beta,
                 **flower_kwargs)

@@ -500,3 +500,31 @@ def average_layers(
             new_state.update(weighted_sum(global_state, client_states, layer, weights,
                                           workspace=workspace))
     return new_state
+
+
+def class_weighted_rows(
+    client_states: Sequence[Mapping[str, np.ndarray]],
+    keys: Iterable[str],
+    class_counts: np.ndarray,
+    fallback: Mapping[str, np.ndarray],
+) -> dict[str, np.ndarray]:
+    """Each tensor in ``keys`` (first axis: one row per class, e.g. a classifier's weight
+    and bias) aggregated row by row: row c is Σ_i n_ic·row_ic / Σ_i n_ic, where
+    ``class_counts[i, c]`` = n_ic is client i's number of training images of class c. A
+    class that no client holds keeps its row of ``fallback`` (the usual aggregate)."""
+    counts = np.asarray(class_counts, dtype=np.float64)
+    totals = counts.sum(axis=0)
+    held = totals > 0
+    weights = np.divide(counts, totals, out=np.zeros_like(counts), where=held)  # (N, C)
+    out: dict[str, np.ndarray] = {}
+    for key in keys:
+        base = fallback[key]
+        if base.ndim == 0 or base.shape[0] != counts.shape[1]:
+            raise ValueError(f"'{key}' has {base.shape[0] if base.ndim else 0} rows, "
+                             f"expected one per class ({counts.shape[1]})")
+        rows = np.zeros(base.shape, dtype=np.float64)
+        for i, state in enumerate(client_states):
+            rows += weights[i].reshape((-1,) + (1,) * (base.ndim - 1)) * state[key]
+        mask = held.reshape((-1,) + (1,) * (base.ndim - 1))
+        out[key] = np.where(mask, rows, base).astype(base.dtype, copy=False)
+    return out

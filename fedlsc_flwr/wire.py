@@ -30,6 +30,11 @@ PROXIMAL_MU_KEY = "proximal-mu"
 #: ConfigRecord key: "float16" asks clients to reply with w_i − w_g in float16.
 UPDATE_DTYPE_KEY = "update-dtype"
 UPDATE_DTYPES = ("float32", "float16")
+#: ConfigRecord key: True asks clients to add CLASS_COUNTS_METRIC to their train replies
+#: (the class-weighted head aggregation needs it; off, sites do not disclose it).
+CLASS_COUNTS_KEY = "report-class-counts"
+#: Train-reply metric, when asked for: the site's number of training images per class.
+CLASS_COUNTS_METRIC = "train-class-counts"
 #: ConfigRecord a ClientApp adds to its replies: {"name": "<site name>"}.
 SITE_RECORD_KEY = "site"
 #: ConfigRecord of a float16 reply: {tensor key: e}, the delta was sent as Δw·2^e.

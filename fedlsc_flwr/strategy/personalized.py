@@ -26,12 +26,15 @@ from fedlsc_flwr.similarity import (
     Layer,
     average_layers,
     check_granularity,
+    class_weighted_rows,
     group_layers,
     one_blas_thread,
     streams,
 )
 from fedlsc_flwr.strategy.site_tracking import SiteTracking
 from fedlsc_flwr.wire import (
+    CLASS_COUNTS_KEY,
+    CLASS_COUNTS_METRIC,
     PERSONALIZED_LAYERS_KEY,
     PROXIMAL_MU_KEY,
     UPDATE_DTYPE_KEY,
@@ -52,6 +55,13 @@ class PersonalizedFedAvg(SiteTracking, FedAvg):
     ``min_train_replies`` replies are usable (else the global model is kept). The
     returned ArrayRecord holds every key of the global model: personalized layers keep
     their last global value.
+
+    ``class_weighted_head`` (beyond the paper; "" = off) names the classifier layer whose
+    rows are per class: its sites then report their number of training images per class
+    (the train reply metric ``train-class-counts``, asked for in the round's config), and
+    row c of that layer is averaged with weights proportional to each site's count of
+    class c, instead of the layer's usual weights, so a site with no or a few images of a
+    class has (almost) no say in that class's row. A reply without valid counts is dropped.
     """
 
     #: Does the reply check measure ||Δw||² of every parameter tensor for the aggregation
@@ -66,6 +76,7 @@ class PersonalizedFedAvg(SiteTracking, FedAvg):
         *,
         max_update_norm_ratio: float = 0.0,
         update_dtype: str = "float32",
+        class_weighted_head: str = "",
         **fedavg_kwargs: Any,
     ) -> None:
         if update_dtype not in UPDATE_DTYPES:
@@ -81,6 +92,7 @@ class PersonalizedFedAvg(SiteTracking, FedAvg):
         self.granularity = granularity
         self.max_update_norm_ratio = float(max_update_norm_ratio)
         self.update_dtype = update_dtype
+        self.class_weighted_head = str(class_weighted_head)
         self.personalized_layers = frozenset(personalized_layers)
         self.never_shared = self.personalized_layers
         self._global: ArrayRecord | None = None
@@ -105,6 +117,8 @@ class PersonalizedFedAvg(SiteTracking, FedAvg):
         config[PROXIMAL_MU_KEY] = self.proximal_mu
         config[PERSONALIZED_LAYERS_KEY] = sorted(self.personalized_layers)
         config[UPDATE_DTYPE_KEY] = self.update_dtype
+        if self.class_weighted_head:
+            config[CLASS_COUNTS_KEY] = True
         outgoing = (
             arrays
             if len(self._sent_keys) == len(arrays)
@@ -149,6 +163,12 @@ class PersonalizedFedAvg(SiteTracking, FedAvg):
             server_round, global_state, list(states), node_ids, shared,
             examples / examples.sum(), list(squared)
         )
+        head = self._class_weighted_head_layer(shared)
+        if head is not None:
+            class_counts = np.array([_metrics(m)[CLASS_COUNTS_METRIC] for m in accepted],
+                                    dtype=np.float64)
+            new_state.update(class_weighted_rows(
+                states, head.params + head.buffers, class_counts, new_state))
         record = ArrayRecord(
             {
                 k: array_from_numpy(new_state[k]) if k in new_state else self._global[k]
@@ -156,6 +176,7 @@ class PersonalizedFedAvg(SiteTracking, FedAvg):
             }
         )
         metrics = self.train_metrics_aggr_fn([m.content for m in accepted], self.weighted_by_key)
+        metrics.pop(CLASS_COUNTS_METRIC, None)  # a site's counts, not a round's metric
         for key, value in {**counts, "num-personalized-layers": len(self.personalized_layers),
                            **extra}.items():
             metrics[key] = value
@@ -175,6 +196,28 @@ class PersonalizedFedAvg(SiteTracking, FedAvg):
         ``squared_distances`` holds each reply's ||Δw||² per parameter tensor, where the
         reply check measured it (:attr:`measures_updates`)."""
         return average_layers(global_state, states, shared, example_weights), {}
+
+    def _class_weighted_head_layer(self, layers: Iterable[Layer]) -> Layer | None:
+        """The shared layer ``class_weighted_head`` names, or None (off, or kept private)."""
+        if not self.class_weighted_head:
+            return None
+        return next((layer for layer in layers if layer.name == self.class_weighted_head), None)
+
+    def _class_count_problem(self, msg: Message) -> str | None:
+        """Why the reply's class counts are unusable for the class-weighted head (None: fine)."""
+        assert self._global is not None
+        head = self._class_weighted_head_layer(
+            layer for layer in self._layers(self._global)
+            if layer.name not in self.personalized_layers)
+        if head is None:
+            return None
+        num_classes = self._global[head.params[0]].shape[0]
+        counts = _metrics(msg).get(CLASS_COUNTS_METRIC)
+        if not isinstance(counts, list) or len(counts) != num_classes or not all(
+                isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+            return (f"metric '{CLASS_COUNTS_METRIC}' must list {num_classes} training-image "
+                    f"counts >= 0 (one per class), got {counts!r}")
+        return None
 
     def _check_and_log_replies(
         self, replies: Iterable[Message], is_train: bool, validate: bool = True
@@ -239,6 +282,9 @@ class PersonalizedFedAvg(SiteTracking, FedAvg):
         if isinstance(count, list) or count is None or not count > 0:
             return (f"metric '{self.weighted_by_key}' missing or not positive ({count!r})",
                     {}, {})
+        problem = self._class_count_problem(msg)
+        if problem:
+            return problem, {}, {}
         arrays = content.array_records[self.arrayrecord_key]
         missing = [k for k in expected if k not in arrays]
         if missing:
@@ -315,6 +361,7 @@ class PersonalizedFedAvg(SiteTracking, FedAvg):
         log(INFO, "\t│\t├── Granularity: %s", self.granularity)
         log(INFO, "\t│\t├── Updates sent as: %s", "float16 deltas" if self.update_dtype ==
             "float16" else "float32 weights")
+        log(INFO, "\t│\t├── Class-weighted head: %s", self.class_weighted_head or "off")
         log(INFO, "\t│\t├── Update norm limit: %s", f"{self.max_update_norm_ratio:g} x median"
             if self.max_update_norm_ratio else "off")
         log(INFO, "\t│\t└── Proximal mu: %s", self.proximal_mu)

@@ -141,6 +141,37 @@ def test_every_method_trains_two_rounds_with_the_real_client_app(site, name):
         arrays = new
 
 
+def test_class_weighted_head_gets_the_site_s_class_counts_through_the_real_client_app(
+        site, tmp_path, write_tiny_ham):
+    """The strategy asks for class counts; the ClientApp answers with its training images
+    per class (only when asked), and the head's rows follow them: a class only site 1
+    holds takes site 1's row."""
+    flat, node, out = site
+    strategy = build_strategy("fedlsc", class_weighted_head=True, min_available_nodes=2,
+                              min_train_nodes=2, min_train_replies=2)
+    # site 2 holds other classes than site 1 (CLASSES) and some of the same
+    other = write_tiny_ham(tmp_path / "data-2", 40, ["df", "vasc", "nv"])
+    contexts = {nid: Context(run_id=1, node_id=nid, state=RecordDict(), run_config=flat,
+                             node_config={**node, "site-name": f"site-{nid}",
+                                          "output-dir": str(out / f"site-{nid}"),
+                                          **({"data-dir": str(other)} if nid == 2 else {})})
+                for nid in (1, 2)}
+    messages = list(strategy.configure_train(1, _global_arrays(), ConfigRecord(), _TwoNodes()))
+    replies = {m.metadata.dst_node_id: client_app.train(m, contexts[m.metadata.dst_node_id])
+               for m in messages}
+    counts = {nid: r.content["metrics"]["train-class-counts"] for nid, r in replies.items()}
+    assert sum(counts[1]) == len(client_app._site(contexts[1]).loader("train").dataset)
+    assert counts[1] != counts[2]
+    new, metrics = strategy.aggregate_train(1, list(replies.values()))
+    assert metrics["num-replies-accepted"] == 2
+    only_1 = [c for c in range(7) if counts[1][c] > 0 and counts[2][c] == 0]
+    assert only_1
+    sent_1 = replies[1].content["arrays"]["classifier.bias"].numpy()
+    np.testing.assert_allclose(new["classifier.bias"].numpy()[only_1], sent_1[only_1])
+    plain, _ = _train(flat, node, _global_arrays(), 1)
+    assert "train-class-counts" not in plain.content["metrics"]
+
+
 def test_local_only_round_one_training_is_the_personalized_model_and_stays_home(site):
     """Local-only hands out the initial model in round 1 with every layer named the site's
     own: the site sends nothing back, and its personalized model of round 1 is the model

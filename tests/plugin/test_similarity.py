@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from fedlsc_flwr.similarity import (
+    class_weighted_rows,
     group_layers,
     mean_similarity,
     select_personalized,
@@ -232,3 +233,17 @@ def test_given_update_norms_replace_the_norm_pass(monkeypatch):
     for name in measured_reports:
         np.testing.assert_allclose(given_reports[name].weights,
                                    measured_reports[name].weights, atol=1e-6)
+
+
+def test_class_weighted_rows_average_each_class_by_its_counts():
+    a = {"w": np.array([[1., 1.], [2., 2.], [3., 3.]], np.float32),
+         "b": np.array([1., 2., 3.], np.float32)}
+    b = {"w": np.array([[5., 5.], [6., 6.], [7., 7.]], np.float32),
+         "b": np.array([5., 6., 7.], np.float32)}
+    fallback = {"w": np.full((3, 2), 9., np.float32), "b": np.full(3, 9., np.float32)}
+    out = class_weighted_rows([a, b], ["w", "b"], np.array([[3, 0, 0], [1, 4, 0]]), fallback)
+    np.testing.assert_allclose(out["w"], [[2., 2.], [6., 6.], [9., 9.]])  # (3·1 + 1·5) / 4
+    np.testing.assert_allclose(out["b"], [2., 6., 9.])
+    assert out["w"].dtype == np.float32
+    with pytest.raises(ValueError, match="'w' has 3 rows, expected one per class \\(4\\)"):
+        class_weighted_rows([a, b], ["w"], np.ones((2, 4)), fallback)

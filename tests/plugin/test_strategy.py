@@ -538,3 +538,65 @@ def test_fedlsc_measures_update_norms_only_for_the_layers_it_streams(n, monkeypa
     assert results[default] == frozenset()
     assert {"stem.weight", "block.conv.weight"} <= results[10]
     assert "stem_bn.running_mean" not in results[10]  # buffers are never compared
+
+
+# ------------------------------------------------------------------ class-weighted head
+@pytest.mark.parametrize("name", ["fedlsc", "fedavg-fc", "fedprox-fc"])
+def test_class_weighted_head_rows_follow_the_sites_class_counts(name, flwr_logs):
+    # Site 1 holds only class 0, site 2 class 0 and 1, site 3 nothing of classes 0-1 and
+    # all of 2-5; class 6 nobody: its row keeps the strategy's usual aggregate.
+    rng = np.random.default_rng(21)
+    g = small_model_state(rng)
+    states = client_states(g, 3, rng)
+    counts = [[30, 0, 0, 0, 0, 0, 0], [10, 5, 0, 0, 0, 0, 0], [0, 0, 4, 4, 4, 4, 0]]
+    plain = build_strategy(name)
+    weighted = build_strategy(name, class_weighted_head=True)
+    asked = configure(weighted, g)
+    assert all(m.content["config"]["report-class-counts"] for m in asked)
+    assert "report-class-counts" not in configure(plain, g)[0].content["config"]
+    sent = set(weighted._sent_keys)  # the -FC baselines do not send the head
+    replies = [reply(i + 1, {k: v for k, v in s.items() if k in sent}, 10 * (i + 1),
+                     **{"train-class-counts": c}) for i, (s, c) in enumerate(zip(states, counts))]
+    usual, _ = plain.aggregate_train(1, replies)
+    arrays, metrics = weighted.aggregate_train(1, replies)
+    assert metrics["num-replies-dropped"] == 0 and "train-class-counts" not in metrics
+    for key in ("classifier.weight", "classifier.bias"):
+        got, base = arrays[key].numpy(), usual[key].numpy()
+        if name != "fedlsc":  # the -FC baselines keep the head on the sites: untouched
+            np.testing.assert_array_equal(got, g[key])
+            continue
+        np.testing.assert_allclose(got[0], 0.75 * states[0][key][0] + 0.25 * states[1][key][0],
+                                   rtol=1e-6)
+        np.testing.assert_allclose(got[1], states[1][key][1], rtol=1e-6)
+        for c in range(2, 6):
+            np.testing.assert_allclose(got[c], states[2][key][c], rtol=1e-6)
+        np.testing.assert_array_equal(got[6], base[6])
+        assert not np.allclose(got[0], base[0])
+    for key in ("stem.weight", "block.bn.running_mean"):  # the other layers as without it
+        np.testing.assert_array_equal(arrays[key].numpy(), usual[key].numpy())
+
+
+@pytest.mark.parametrize("counts, words", [
+    (None, "got None"), ([1, 2, 3], "must list 7 training-image counts"),
+    ([1, 2, 3, 4, 5, 6, -1], "got [1, 2, 3, 4, 5, 6, -1]"),
+])
+def test_class_weighted_head_drops_a_reply_without_usable_counts(counts, words, flwr_logs):
+    rng = np.random.default_rng(22)
+    g = small_model_state(rng)
+    strategy = build_strategy("fedlsc", class_weighted_head=True)
+    configure(strategy, g)
+    states = client_states(g, 3, rng)
+    good = [1, 1, 1, 1, 1, 1, 1]
+    bad = {} if counts is None else {"train-class-counts": counts}
+    replies = [reply(1, states[0], **bad)] + [
+        reply(i + 2, s, **{"train-class-counts": good}) for i, s in enumerate(states[1:])]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is not None and metrics["num-replies-dropped"] == 1
+    assert "node 1" in flwr_logs.text and words in flwr_logs.text
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "krum"])
+def test_class_weighted_head_needs_a_strategy_of_this_project(name):
+    with pytest.raises(ValueError, match=f"class_weighted_head needs one of this project's "
+                                         f"strategies, not '{name}'"):
+        build_strategy(name, class_weighted_head=True)
