@@ -34,6 +34,7 @@ from fedlsc_flwr.packing import packed_arrays_mod
 from fedlsc_flwr.wire import (
     CLASS_COUNTS_KEY,
     CLASS_COUNTS_METRIC,
+    CLASS_TOTALS_KEY,
     PERSONALIZED_LAYERS_KEY,
     PROXIMAL_MU_KEY,
     SITE_RECORD_KEY,
@@ -149,7 +150,8 @@ def train(msg: Message, context: Context) -> Message:
     site.save_personalized_list(sorted(own))
     timeline.mark("model-ready")
     stats, lr, num_train = site.train(model, set(shared), server_round,
-                                      float(config.get(PROXIMAL_MU_KEY, 0.0)))
+                                      float(config.get(PROXIMAL_MU_KEY, 0.0)),
+                                      list(config.get(CLASS_TOTALS_KEY, [])) or None)
     timeline.marks["train-start"] = stats.started
     timeline.marks["train-end"] = stats.started + stats.seconds
 

@@ -379,28 +379,47 @@ def class_weights(records: Sequence[Record], num_classes: int = len(CLASSES)) ->
 
 
 def balanced_sampler(records: Sequence[Record], seed: int = 0, power: float = 1.0,
-                     min_count: int = 0) -> WeightedRandomSampler:
+                     min_count: int = 0,
+                     totals: Sequence[int] | None = None) -> WeightedRandomSampler:
     """Draw ``len(records)`` samples with replacement, each with weight
     max(count(class), min_count)^-power: ``power`` 1 draws every present class equally
     often, 0 as often as it occurs, and 0.5 in proportion to the square root of its count (a
     site's rare classes still come up more often than in its data, without most steps going
     to its handful of images). ``min_count`` > 0 draws a class of fewer images as if it had
-    that many, so its few images are not each repeated hundreds of times a round."""
+    that many, so its few images are not each repeated hundreds of times a round.
+    ``totals`` (the federation's images per class) count classes over all sites instead of
+    this one: see :func:`balanced_record_weights`."""
     if not 0.0 <= power <= 1.0:
         raise ValueError(f"balanced_sampler: power = {power!r}: must be in [0, 1]")
     if min_count < 0:
         raise ValueError(f"balanced_sampler: min_count = {min_count!r}: must be >= 0")
-    per_image = _balanced_image_weights(class_counts(records), power, min_count)
-    weights = torch.tensor([per_image[r.label] for r in records], dtype=torch.float64)
+    weights = balanced_record_weights(records, power, min_count, totals)
     generator = torch.Generator().manual_seed(seed)
     return WeightedRandomSampler(weights, len(records), replacement=True, generator=generator)
 
 
-def _balanced_image_weights(counts: Sequence[int], power: float,
-                            min_count: int) -> list[float]:
+def balanced_record_weights(records: Sequence[Record], power: float = 1.0, min_count: int = 0,
+                            totals: Sequence[int] | None = None) -> torch.Tensor:
+    """Each record's draw weight for :func:`balanced_sampler`. With ``totals`` (images per
+    class over all sites, from the server) a class is counted federation-wide: an image is
+    drawn with weight max(total, min_count)^-power, so the sites together draw every class
+    about equally often, each of its images alike, as one balanced sampler over the pooled
+    data would; a site then spends few steps on the 2 images it holds of a class others
+    hold hundreds of. Without, the site's own counts (every class it holds equally often)."""
+    counts = class_counts(records, len(CLASSES) if totals is None else len(totals))
+    per_image = _balanced_image_weights(counts, power, min_count, totals)
+    return torch.tensor([per_image[r.label] for r in records], dtype=torch.float64)
+
+
+def _balanced_image_weights(counts: Sequence[int], power: float, min_count: int,
+                            totals: Sequence[int] | None = None) -> list[float]:
     """The draw weight of one image of each class: max(count, min_count)^-power (0 for a
-    class with no image)."""
-    return [max(n, min_count) ** -power if n > 0 else 0.0 for n in counts]
+    class with no image); count = the class's federation total where ``totals`` is given
+    (never below the site's own count)."""
+    if totals is not None and (len(totals) != len(counts) or any(t < 0 for t in totals)):
+        raise ValueError(f"class totals {list(totals)!r}: expected {len(counts)} counts >= 0")
+    reference = counts if totals is None else [max(t, n) for t, n in zip(totals, counts)]
+    return [max(r, min_count) ** -power if n > 0 else 0.0 for n, r in zip(counts, reference)]
 
 
 #: The logit offset of a class a site holds no image of: its softmax weight in the loss is
@@ -410,14 +429,15 @@ ABSENT_CLASS_OFFSET = -1e4
 
 
 def sampled_class_prior(records: Sequence[Record], *, balanced: bool, power: float = 1.0,
-                        min_count: int = 0, num_classes: int = len(CLASSES)) -> torch.Tensor:
+                        min_count: int = 0, num_classes: int = len(CLASSES),
+                        totals: Sequence[int] | None = None) -> torch.Tensor:
     """The class distribution a training loader draws from: in proportion to the counts
-    when shuffling, to count·max(count, min_count)^−power with :func:`balanced_sampler`;
-    0 for a class with no image."""
+    when shuffling, to count·max(count, min_count)^−power with :func:`balanced_sampler`
+    (count: the federation's ``totals`` where given); 0 for a class with no image."""
     counts = class_counts(records, num_classes)
     if sum(counts) <= 0:
         raise ValueError("sampled_class_prior: no records")
-    per_image = _balanced_image_weights(counts, power, min_count) if balanced \
+    per_image = _balanced_image_weights(counts, power, min_count, totals) if balanced \
         else [1.0] * num_classes
     mass = torch.tensor(counts, dtype=torch.float64) * torch.tensor(per_image,
                                                                     dtype=torch.float64)

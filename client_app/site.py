@@ -21,6 +21,7 @@ from torch import nn
 
 from client_app.attack import attack_training_records
 from client_app.data import (
+    balanced_record_weights,
     class_counts,
     class_weights,
     logit_offsets,
@@ -261,12 +262,19 @@ class Site:
         return self._fill(skeleton, {k: received[k] for k in state})
 
     def train(self, model: nn.Module, shared_keys: set[str], server_round: int,
-              proximal_mu: float) -> tuple[TrainStats, float, int]:
+              proximal_mu: float, class_totals: list[int] | None = None
+              ) -> tuple[TrainStats, float, int]:
         """One round of local training (Eq. 7); returns the stats, the lr and the size of
         the local training set. ``shared_keys`` are the parameters the proximal term
-        anchors to their global values."""
+        anchors to their global values. ``class_totals`` (the federation's images per class,
+        from the server) are what balanced sampling counts classes by when
+        ``training.balance-over`` is "federation"."""
         t = self.settings.training
         loader = self.loader("train")
+        totals = self._sampling_totals(class_totals)
+        if t.balanced_sampling:  # every round: the cached loader may hold another round's
+            loader.sampler.weights = balanced_record_weights(
+                loader.dataset.records, t.sampling_power, t.balance_min_count, totals)
         num_train = len(loader.dataset)
         logger.info("%s round %s: training on %d images", self.identity.name, server_round,
                     num_train)
@@ -287,7 +295,9 @@ class Site:
         if t.logit_adjustment > 0:
             prior = sampled_class_prior(loader.dataset.records, balanced=t.balanced_sampling,
                                         power=t.sampling_power,
-                                        min_count=t.balance_min_count)
+                                        min_count=t.balance_min_count,
+                                        num_classes=self.settings.model.num_classes,
+                                        totals=totals)
             offsets = logit_offsets(prior, t.logit_adjustment)
         stats = train_local(
             model, loader, epochs=t.local_epochs, lr=lr, device=self.device,
@@ -300,6 +310,24 @@ class Site:
             label_smoothing=t.label_smoothing,
             label=f"{self.identity.name} round {server_round}")
         return stats, lr, num_train
+
+    def _sampling_totals(self, class_totals: list[int] | None) -> list[int] | None:
+        """The class totals balanced sampling uses this round: the server's, where the
+        settings balance over the federation and it sent them (from round 2 on)."""
+        t = self.settings.training
+        if not (t.balanced_sampling and t.balance_over == "federation"):
+            return None
+        if not class_totals:
+            logger.info("%s: no class totals from the server yet (round 1): balancing over "
+                        "this site's own counts", self.identity.name)
+            return None
+        num_classes = self.settings.model.num_classes
+        if len(class_totals) != num_classes or any(c < 0 for c in class_totals):
+            raise ValueError(f"the server's class totals {class_totals!r} are not "
+                             f"{num_classes} counts >= 0 (model.num-classes)")
+        logger.info("%s: balancing over the federation's images per class %s",
+                    self.identity.name, list(class_totals))
+        return list(class_totals)
 
     def train_class_counts(self) -> list[int]:
         """This site's number of training images per class (what its loader trains on)."""

@@ -144,6 +144,7 @@ class TrainingSettings:
     balanced_sampling: bool
     sampling_power: float
     balance_min_count: int
+    balance_over: str
     logit_adjustment: float
     optimizer: str
     momentum: float
@@ -244,6 +245,8 @@ class Settings:
                 agreement_k=s.agreement_k, agreement_min_gap=s.agreement_min_gap,
                 agreement_rounds=s.agreement_rounds, disagreeing_weight=s.disagreeing_weight,
                 class_weighted_head=s.class_weighted_head,
+                share_class_totals=self.training.balanced_sampling
+                and self.training.balance_over == "federation",
                 num_malicious_nodes=s.num_malicious_nodes,
                 num_nodes_to_select=s.num_nodes_to_select, trim_beta=s.trim_beta,
                 **flower_kwargs)
@@ -255,6 +258,7 @@ class Settings:
     def validate(self) -> None:
         """Values that are well-typed but unusable: one clear line on what to change."""
         from fedlsc_flwr.model import BACKBONES
+        from fedlsc_flwr.strategy import ROBUST_NAMES
 
         checks = [
             (self.model.backbone in BACKBONES, "model.backbone",
@@ -278,6 +282,12 @@ class Settings:
             (0 <= self.training.sampling_power <= 1, "training.sampling-power", "in [0, 1]"),
             (self.training.balance_min_count >= 0, "training.balance-min-count",
              "at least 0 (0 = off)"),
+            (self.training.balance_over in ("site", "federation"), "training.balance-over",
+             "'site' or 'federation'"),
+            (self.training.balance_over == "site" or self.strategy.name not in (
+                "fedavg", "fedprox", *ROBUST_NAMES), "training.balance-over",
+             "'site' with Flower's own fedavg/fedprox and the robust strategies (they do not "
+             "pass the class totals on)"),
             (0 <= self.training.logit_adjustment <= 2, "training.logit-adjustment",
              "in [0, 2] (0 = off)"),
             (self.training.optimizer in OPTIMIZERS, "training.optimizer",

@@ -35,6 +35,9 @@ UPDATE_DTYPES = ("float32", "float16")
 CLASS_COUNTS_KEY = "report-class-counts"
 #: Train-reply metric, when asked for: the site's number of training images per class.
 CLASS_COUNTS_METRIC = "train-class-counts"
+#: ConfigRecord key: the federation's training images per class (the sum of the sites'
+#: last reported counts), for sites that balance their sampling over the federation.
+CLASS_TOTALS_KEY = "class-totals"
 #: ConfigRecord a ClientApp adds to its replies: {"name": "<site name>"}.
 SITE_RECORD_KEY = "site"
 #: ConfigRecord of a float16 reply: {tensor key: e}, the delta was sent as Δw·2^e.

@@ -50,6 +50,7 @@ def build_strategy(
     agreement_rounds: int = 2,
     disagreeing_weight: float = 1.0,
     class_weighted_head: bool = False,
+    share_class_totals: bool = False,
     num_malicious_nodes: int = 1,
     num_nodes_to_select: int = 0,
     trim_beta: float = 0.2,
@@ -68,14 +69,18 @@ def build_strategy(
     ``class_weighted_head`` (beyond the paper) averages ``head_layer`` row by row, each
     class's row weighted by the sites' training-image counts of that class
     (:class:`~fedlsc_flwr.strategy.PersonalizedFedAvg`); this project's strategies only.
+    ``share_class_totals`` asks the sites for those counts too and sends back their sum
+    each round, for sites that balance their sampling over the federation.
     The names in ``ROBUST_NAMES`` are Flower's robust strategies (:func:`_build_robust`).
     """
     if name in ("fedavg", "fedprox", *ROBUST_NAMES):
-        if class_weighted_head:
-            raise HyperParameterError(
-                "class_weighted_head", class_weighted_head,
-                "false with Flower's own fedavg/fedprox and the robust strategies",
-                f"class_weighted_head needs one of this project's strategies, not {name!r}")
+        for option, value in (("class_weighted_head", class_weighted_head),
+                              ("share_class_totals", share_class_totals)):
+            if value:
+                raise HyperParameterError(
+                    option, value,
+                    "false with Flower's own fedavg/fedprox and the robust strategies",
+                    f"{option} needs one of this project's strategies, not {name!r}")
         if update_dtype != "float32":
             raise HyperParameterError(
                 "update_dtype", update_dtype, "'float32' with Flower's own fedavg/fedprox",
@@ -92,6 +97,7 @@ def build_strategy(
     fedavg_kwargs["max_update_norm_ratio"] = max_update_norm_ratio
     fedavg_kwargs["update_dtype"] = update_dtype
     fedavg_kwargs["class_weighted_head"] = head_layer if class_weighted_head else ""
+    fedavg_kwargs["share_class_totals"] = bool(share_class_totals)
     if name in ("fedlsc", "fedlsc-per0"):
         ratio = personalized_ratio if name == "fedlsc" else 0.0
         return FedLSC(temperature, ratio, proximal_mu, granularity,

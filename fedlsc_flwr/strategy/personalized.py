@@ -35,6 +35,7 @@ from fedlsc_flwr.strategy.site_tracking import SiteTracking
 from fedlsc_flwr.wire import (
     CLASS_COUNTS_KEY,
     CLASS_COUNTS_METRIC,
+    CLASS_TOTALS_KEY,
     PERSONALIZED_LAYERS_KEY,
     PROXIMAL_MU_KEY,
     UPDATE_DTYPE_KEY,
@@ -62,6 +63,9 @@ class PersonalizedFedAvg(SiteTracking, FedAvg):
     row c of that layer is averaged with weights proportional to each site's count of
     class c, instead of the layer's usual weights, so a site with no or a few images of a
     class has (almost) no say in that class's row. A reply without valid counts is dropped.
+    ``share_class_totals`` asks for the same counts and sends the sites their sum over all
+    sites (each site's last report) in every round's config (``class-totals``), for sites
+    that balance their sampling over the federation (``training.balance-over``).
     """
 
     #: Does the reply check measure ||Δw||² of every parameter tensor for the aggregation
@@ -77,6 +81,7 @@ class PersonalizedFedAvg(SiteTracking, FedAvg):
         max_update_norm_ratio: float = 0.0,
         update_dtype: str = "float32",
         class_weighted_head: str = "",
+        share_class_totals: bool = False,
         **fedavg_kwargs: Any,
     ) -> None:
         if update_dtype not in UPDATE_DTYPES:
@@ -93,6 +98,9 @@ class PersonalizedFedAvg(SiteTracking, FedAvg):
         self.max_update_norm_ratio = float(max_update_norm_ratio)
         self.update_dtype = update_dtype
         self.class_weighted_head = str(class_weighted_head)
+        self.share_class_totals = bool(share_class_totals)
+        #: each site's last reported training images per class, by site name
+        self.site_class_counts: dict[str, list[int]] = {}
         self.personalized_layers = frozenset(personalized_layers)
         self.never_shared = self.personalized_layers
         self._global: ArrayRecord | None = None
@@ -117,8 +125,10 @@ class PersonalizedFedAvg(SiteTracking, FedAvg):
         config[PROXIMAL_MU_KEY] = self.proximal_mu
         config[PERSONALIZED_LAYERS_KEY] = sorted(self.personalized_layers)
         config[UPDATE_DTYPE_KEY] = self.update_dtype
-        if self.class_weighted_head:
+        if self.class_weighted_head or self.share_class_totals:
             config[CLASS_COUNTS_KEY] = True
+        if self.share_class_totals and self.site_class_counts:
+            config[CLASS_TOTALS_KEY] = self.class_totals()
         outgoing = (
             arrays
             if len(self._sent_keys) == len(arrays)
@@ -163,6 +173,10 @@ class PersonalizedFedAvg(SiteTracking, FedAvg):
             server_round, global_state, list(states), node_ids, shared,
             examples / examples.sum(), list(squared)
         )
+        if self._wants_class_counts():
+            for node, msg in zip(node_ids, accepted):
+                name = self.site_names.get(node, f"node {node}")
+                self.site_class_counts[name] = list(_metrics(msg)[CLASS_COUNTS_METRIC])
         head = self._class_weighted_head_layer(shared)
         if head is not None:
             class_counts = np.array([_metrics(m)[CLASS_COUNTS_METRIC] for m in accepted],
@@ -203,20 +217,34 @@ class PersonalizedFedAvg(SiteTracking, FedAvg):
             return None
         return next((layer for layer in layers if layer.name == self.class_weighted_head), None)
 
-    def _class_count_problem(self, msg: Message) -> str | None:
-        """Why the reply's class counts are unusable for the class-weighted head (None: fine)."""
+    def class_totals(self) -> list[int]:
+        """The federation's training images per class: the sum of the sites' last reports."""
+        reports = list(self.site_class_counts.values())
+        return [int(sum(column)) for column in zip(*reports)] if reports else []
+
+    def _wants_class_counts(self) -> bool:
+        """Do the replies have to carry the sites' class counts this round?"""
         assert self._global is not None
         head = self._class_weighted_head_layer(
             layer for layer in self._layers(self._global)
             if layer.name not in self.personalized_layers)
-        if head is None:
+        return self.share_class_totals or head is not None
+
+    def _class_count_problem(self, msg: Message) -> str | None:
+        """Why the reply's class counts are unusable (None: fine, or none asked for)."""
+        assert self._global is not None
+        if not self._wants_class_counts():
             return None
-        num_classes = self._global[head.params[0]].shape[0]
+        head_rows = f"{self.class_weighted_head}.weight"
+        num_classes = self._global[head_rows].shape[0] if head_rows in self._global \
+            else len(next(iter(self.site_class_counts.values()), [])) or None
         counts = _metrics(msg).get(CLASS_COUNTS_METRIC)
-        if not isinstance(counts, list) or len(counts) != num_classes or not all(
+        if not isinstance(counts, list) or not counts \
+                or len(counts) != (num_classes or len(counts)) or not all(
                 isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
-            return (f"metric '{CLASS_COUNTS_METRIC}' must list {num_classes} training-image "
-                    f"counts >= 0 (one per class), got {counts!r}")
+            return (f"metric '{CLASS_COUNTS_METRIC}' must list "
+                    f"{num_classes or 'the'} training-image counts >= 0 (one per class), "
+                    f"got {counts!r}")
         return None
 
     def _check_and_log_replies(
@@ -349,11 +377,14 @@ class PersonalizedFedAvg(SiteTracking, FedAvg):
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint must hold to resume this strategy."""
-        return {"personalized_layers": sorted(self.personalized_layers)}
+        return {"personalized_layers": sorted(self.personalized_layers),
+                "site_class_counts": dict(self.site_class_counts)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
         self.personalized_layers = frozenset(state["personalized_layers"])
+        self.site_class_counts = {str(k): [int(c) for c in v]
+                                  for k, v in state.get("site_class_counts", {}).items()}
 
     def summary(self) -> None:
         log(INFO, "\t├──> Personalization:")

@@ -172,6 +172,28 @@ def test_class_weighted_head_gets_the_site_s_class_counts_through_the_real_clien
     assert "train-class-counts" not in plain.content["metrics"]
 
 
+def test_class_totals_from_the_server_set_what_the_site_draws(site):
+    """balance-over=federation: the round's class totals from the server weigh each image
+    by 1/total(its class); a round without totals (round 1) balances over the site."""
+    from client_app.data import balanced_record_weights
+
+    flat, node, _ = site
+    flat = {**flat, "training.balance-over": "federation"}
+    context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config=flat)
+    records = client_app._site(context).loader("train").dataset.records
+    totals = [1000, 0, 500, 40, 30, 7, 2]
+    for config_totals, expected in ((totals, totals), ([], None)):
+        config = ConfigRecord({"server-round": 2, "proximal-mu": 0.0, "personalized-layers": [],
+                               "class-totals": config_totals})
+        msg = Message(RecordDict({"arrays": _global_arrays(), "config": config}), dst_node_id=1,
+                      message_type=MessageType.TRAIN)
+        assert not client_app.train(msg, context).has_error()
+        drawn = client_app._site(context).loader("train").sampler.weights
+        torch.testing.assert_close(drawn, balanced_record_weights(records, totals=expected))
+    assert not torch.equal(balanced_record_weights(records, totals=totals),
+                           balanced_record_weights(records))
+
+
 def test_local_only_round_one_training_is_the_personalized_model_and_stays_home(site):
     """Local-only hands out the initial model in round 1 with every layer named the site's
     own: the site sends nothing back, and its personalized model of round 1 is the model

@@ -26,6 +26,7 @@ from client_app.data import (
     METADATA_FILE,
     DataError,
     Record,
+    balanced_record_weights,
     balanced_sampler,
     class_weights,
     decode_images,
@@ -521,6 +522,28 @@ def test_sampled_class_prior_follows_the_loader_sampling() -> None:
     assert abs(drawn[4] / len(records) - 0.25) < 0.04
     with pytest.raises(ValueError, match="no records"):
         sampled_class_prior([], balanced=True)
+
+
+def test_balancing_over_the_federation_counts_each_class_over_all_sites() -> None:
+    # This site: 200 images of class 5 and 2 of class 3. The federation: 2,000 of class 5
+    # and 300 of class 3 (other sites hold the rest). Balanced over the site, class 3 is
+    # drawn half the time; over the federation, each image weighs 1/total(class), so class 3
+    # takes 2/300 against class 5's 200/2000: 6.25 % of the draws.
+    records = _records_with_labels([5] * 200 + [3] * 2)
+    totals = [0, 0, 0, 300, 0, 2000, 0]
+    weights = balanced_record_weights(records, totals=totals)
+    assert float(weights[0]) == pytest.approx(1 / 2000) and float(weights[-1]) == \
+        pytest.approx(1 / 300)
+    prior = sampled_class_prior(records, balanced=True, totals=totals)
+    assert float(prior[3]) == pytest.approx((2 / 300) / (2 / 300 + 200 / 2000), rel=1e-5)
+    assert float(sampled_class_prior(records, balanced=True)[3]) == pytest.approx(0.5)
+    drawn = Counter(records[i].label for i in balanced_sampler(records, 0, totals=totals))
+    assert drawn[3] / len(records) < 0.15
+    # A total below the site's own count (a stale report) counts the site's own images.
+    low = balanced_record_weights(records, totals=[0, 0, 0, 1, 0, 2000, 0])
+    assert float(low[-1]) == pytest.approx(1 / 2)
+    with pytest.raises(ValueError, match=r"class totals \[1, 2\]: expected 7 counts >= 0"):
+        sampled_class_prior(records, balanced=True, totals=[1, 2])
 
 
 def test_logit_offsets_are_tau_log_prior_and_leave_out_absent_classes() -> None:

@@ -596,7 +596,36 @@ def test_class_weighted_head_drops_a_reply_without_usable_counts(counts, words, 
 
 
 @pytest.mark.parametrize("name", ["fedavg", "fedprox", "krum"])
-def test_class_weighted_head_needs_a_strategy_of_this_project(name):
-    with pytest.raises(ValueError, match=f"class_weighted_head needs one of this project's "
+@pytest.mark.parametrize("option", ["class_weighted_head", "share_class_totals"])
+def test_class_counts_need_a_strategy_of_this_project(name, option):
+    with pytest.raises(ValueError, match=f"{option} needs one of this project's "
                                          f"strategies, not '{name}'"):
-        build_strategy(name, class_weighted_head=True)
+        build_strategy(name, **{option: True})
+
+
+def test_share_class_totals_sends_the_sum_of_the_sites_last_counts():
+    rng = np.random.default_rng(23)
+    g = small_model_state(rng)
+    strategy = build_strategy("fedlsc", share_class_totals=True)
+    first = configure(strategy, g)
+    assert first[0].content["config"]["report-class-counts"]
+    assert "class-totals" not in first[0].content["config"]  # round 1: nothing known yet
+    counts = [[3, 0, 1, 0, 0, 9, 0], [0, 5, 0, 0, 2, 1, 0], [1, 1, 1, 1, 1, 1, 1]]
+    states = client_states(g, 3, rng)
+    strategy.aggregate_train(1, [reply(i + 1, s, **{"train-class-counts": c})
+                                 for i, (s, c) in enumerate(zip(states, counts))])
+    second = configure(strategy, g, round_=2)
+    assert list(second[0].content["config"]["class-totals"]) == [4, 6, 2, 1, 3, 11, 1]
+    # A site missing from a round keeps its last report in the totals; a new report
+    # replaces the old one.
+    sent = set(strategy._sent_keys)
+    states = client_states(g, 2, rng)
+    strategy.aggregate_train(2, [reply(i + 1, {k: v for k, v in s.items() if k in sent},
+                                       **{"train-class-counts": c})
+                                 for i, (s, c) in enumerate(zip(states, [[0] * 6 + [5]] * 2))])
+    assert strategy.class_totals() == [1, 1, 1, 1, 1, 1, 11]
+    resumed = build_strategy("fedlsc", share_class_totals=True)
+    resumed.load_state_dict(strategy.state_dict())
+    assert resumed.class_totals() == strategy.class_totals()
+    without = build_strategy("fedlsc")
+    assert "report-class-counts" not in configure(without, g)[0].content["config"]

@@ -63,6 +63,7 @@ def test_paper_experiment_and_group_switches():
     ("training.sampling-power", 2.0, "'training.sampling-power' = 2.0: must be in [0, 1]"),
     ("training.balance-min-count", -1, "'training.balance-min-count' = -1: must be at least 0"),
     ("training.logit-adjustment", -1.0, "'training.logit-adjustment' = -1.0: must be in [0, 2]"),
+    ("training.balance-over", "world", "'training.balance-over' = 'world': must be 'site' or"),
     ("training.optimizer", "rmsprop", "'training.optimizer' = 'rmsprop': must be one of adam"),
     ("training.momentum", 1.0, "'training.momentum' = 1.0: must be in [0, 1)"),
     ("training.weight-decay", -0.1, "'training.weight-decay' = -0.1: must be at least 0"),
@@ -74,6 +75,17 @@ def test_bad_values_name_key_and_value(key, value, words):
     with pytest.raises(ConfigError) as err:
         Settings.from_run_config(flat)
     assert words in str(err.value)
+
+
+def test_balancing_over_the_federation_needs_a_strategy_that_passes_the_totals_on():
+    flat = to_run_config(compose(["strategy=fedavg", "training.balance_over=federation"]))
+    with pytest.raises(ConfigError, match="'training.balance-over' = 'federation': must be "
+                                          "'site' with Flower's own fedavg"):
+        Settings.from_run_config(flat)
+    fedlsc = Settings.from_run_config(to_run_config(compose(["training.balance_over=federation"])))
+    assert fedlsc.build_strategy().share_class_totals
+    assert not Settings.from_run_config(to_run_config(compose())).build_strategy(
+        ).share_class_totals
 
 
 def test_unknown_and_missing_keys():
