@@ -308,6 +308,7 @@ class Site:
             lr_step_epochs=0 if by_round else t.lr_step_size, lr_gamma=t.lr_gamma,
             optimizer_name=t.optimizer, momentum=t.momentum, weight_decay=t.weight_decay,
             label_smoothing=t.label_smoothing,
+            frozen_layers=tuple(p.strip() for p in t.frozen_layers.split(",") if p.strip()),
             label=f"{self.identity.name} round {server_round}")
         return stats, lr, num_train
 

@@ -81,6 +81,25 @@ def add_proximal_gradient(params: list[torch.Tensor], anchors: list[torch.Tensor
                             torch._foreach_sub(with_grad, anchored), alpha=mu)
 
 
+def freeze_layers(model: nn.Module, prefixes: Iterable[str]) -> list[str]:
+    """Stop the parameters under ``prefixes`` (state_dict names: "classifier" is the
+    layer, "backbone.blocks.0" a block) from training; returns their names. A prefix that
+    names no parameter is an error, so a typo does not silently train everything."""
+    prefixes = [p for p in prefixes if p]
+    frozen = []
+    for prefix in prefixes:
+        names = [n for n, _ in model.named_parameters()
+                 if n == prefix or n.startswith(prefix + ".")]
+        if not names:
+            raise ValueError(f"training.frozen-layers: {prefix!r} names no parameter of the "
+                             f"model (state_dict names, e.g. 'classifier')")
+        frozen += names
+    for name, param in model.named_parameters():
+        if name in frozen:
+            param.requires_grad_(False)
+    return frozen
+
+
 def make_optimizer(name: str, params: list[torch.nn.Parameter], *, lr: float,
                    momentum: float = 0.9, weight_decay: float = 0.0) -> torch.optim.Optimizer:
     """The local optimizer ``name``: "adam", "adamw" or "sgd" (``momentum``, not Nesterov)."""
@@ -113,6 +132,7 @@ def train_local(
     momentum: float = 0.9,
     weight_decay: float = 0.0,
     label_smoothing: float = 0.0,
+    frozen_layers: tuple[str, ...] = (),
     log_every_seconds: float = 30.0,
     label: str = "site",
 ) -> TrainStats:
@@ -125,6 +145,8 @@ def train_local(
     shorter loader is passed over again until the epoch has run exactly that many.
     ``frozen_bn_statistics``: BatchNorm layers normalise with their running statistics
     and do not update them (their affine weights still train).
+    ``frozen_layers``: parameters under these state_dict prefixes (e.g. "classifier") do
+    not train: they keep the values the round started from.
     ``lr_step_epochs`` > 0: StepLR of this round's local optimizer, lr·γ^⌊(epoch−1)/step⌋
     (the paper's StepLR(10, 0.1) as we read it: see the README).
     """
@@ -133,6 +155,7 @@ def train_local(
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()
+    freeze_layers(model, frozen_layers)
     optimizer = make_optimizer(optimizer_name, [p for p in model.parameters() if p.requires_grad],
                                lr=lr, momentum=momentum, weight_decay=weight_decay)
     criterion = nn.CrossEntropyLoss(

@@ -150,6 +150,7 @@ class TrainingSettings:
     momentum: float
     weight_decay: float
     label_smoothing: float
+    frozen_layers: str
     num_workers: int
 
 

@@ -11,6 +11,7 @@ from client_app.data import logit_offsets
 from client_app.training import (
     add_proximal_gradient,
     confusion_matrix,
+    freeze_layers,
     lr_for_round,
     make_optimizer,
     proximal_value,
@@ -99,6 +100,22 @@ def test_make_optimizer_builds_what_is_named_and_rejects_the_rest():
     assert type(make_optimizer("adam", params, lr=0.1)) is torch.optim.Adam
     with pytest.raises(ValueError, match="'rmsprop'"):
         make_optimizer("rmsprop", params, lr=0.1)
+
+
+def test_frozen_layers_keep_their_values_and_the_rest_trains():
+    torch.manual_seed(0)
+    model = _toy_model()
+    names = [n for n, _ in model.named_parameters()]
+    first = names[0].rsplit(".", 1)[0]  # the first layer's prefix, e.g. "0"
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train_local(model, _toy_loader(64), epochs=2, lr=0.05, device=torch.device("cpu"),
+                frozen_layers=(first,))
+    after = dict(model.named_parameters())
+    for name in names:
+        unchanged = torch.equal(before[name], after[name].detach())
+        assert unchanged == name.startswith(first + "."), name
+    with pytest.raises(ValueError, match="'head' names no parameter of the model"):
+        freeze_layers(_toy_model(), ["head"])
 
 
 def test_label_smoothing_keeps_the_model_from_full_confidence():
