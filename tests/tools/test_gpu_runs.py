@@ -48,3 +48,29 @@ def test_recipe_presets_compose():
     earlier = Settings.from_hydra(pt.PRESETS["recipe-4x1"])
     assert earlier.num_server_rounds == 4 and earlier.training.max_batches_per_epoch == 0
     assert earlier.model == recipe.model and earlier.training.lr == recipe.training.lr
+
+
+def test_recipe_screen_summary_names_unfinished_runs_and_averages_finished_ones(tmp_path):
+    # variant a: seed 0 finished (0.5), seed 1 stopped after round 2 (0.4); variant b: none.
+    for seed, rows, done in ((0, [(1, 0.3), (2, 0.5)], True), (1, [(1, 0.2), (2, 0.4)], False)):
+        results = tmp_path / "a" / f"seed{seed}" / "results"
+        results.mkdir(parents=True)
+        (results / "metrics.jsonl").write_text("\n".join(json.dumps(
+            {"round": r, "global": {"balanced-accuracy": v, "accuracy": 0.7}}) for r, v in rows))
+        if done:
+            (results / "summary.json").write_text("{}")
+    table, rows = gpu_runs.summarise_recipes(tmp_path, {"a": ["training.lr=0.001"], "b": []},
+                                             [0, 1])
+    assert "| a | training.lr=0.001 | 0.500 | 0.400 (round 2) | 0.500 (1) |" in table
+    assert "| b | (main job) | – | – | – |" in table
+    assert [(r["variant"], r["seed"], r["finished"]) for r in rows] == [
+        ("a", 0, True), ("a", 1, False), ("b", 0, False), ("b", 1, False)]
+    assert rows[1]["balanced_accuracy"] == {1: 0.2, 2: 0.4}
+
+
+def test_recipe_screen_variants_compose():
+    variants = json.loads((_ROOT / "benchmarks" / "device" / "recipe_screen.json").read_text())
+    variants.update(json.loads(
+        (_ROOT / "benchmarks" / "device" / "recipe_screen_2.json").read_text()))
+    for name, overrides in variants.items():
+        Settings.from_hydra(overrides)  # raises on a key or value that does not exist
