@@ -72,5 +72,5 @@ def test_recipe_screen_variants_compose():
     variants = json.loads((_ROOT / "benchmarks" / "device" / "recipe_screen.json").read_text())
     variants.update(json.loads(
         (_ROOT / "benchmarks" / "device" / "recipe_screen_2.json").read_text()))
-    for name, overrides in variants.items():
+    for overrides in variants.values():
         Settings.from_hydra(overrides)  # raises on a key or value that does not exist
