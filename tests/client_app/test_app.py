@@ -37,6 +37,16 @@ def _global_arrays(skip_layers=()):
                         if layer_of(k) not in skip_layers})
 
 
+def _two_site_contexts(flat, node, out, site_2=None):
+    """Contexts of nodes 1 and 2: ``node``'s site twice, each with its own name and output
+    folder; ``site_2`` overrides entries of node 2's node config."""
+    return {nid: Context(run_id=1, node_id=nid, state=RecordDict(), run_config=flat,
+                         node_config={**node, "site-name": f"site-{nid}",
+                                      "output-dir": str(out / f"site-{nid}"),
+                                      **((site_2 or {}) if nid == 2 else {})})
+            for nid in (1, 2)}
+
+
 def _train(flat, node, arrays, server_round, personalized=(), state=None):
     context = Context(run_id=1, node_id=1, node_config=node, state=state or RecordDict(),
                       run_config=flat)
@@ -122,10 +132,7 @@ def test_every_method_trains_two_rounds_with_the_real_client_app(site, name):
     flat, node, out = site
     strategy = build_strategy(name, min_available_nodes=2, min_train_nodes=2,
                               min_train_replies=2, head_layer="classifier")
-    contexts = {nid: Context(run_id=1, node_id=nid, state=RecordDict(), run_config=flat,
-                             node_config={**node, "site-name": f"site-{nid}",
-                                          "output-dir": str(out / f"site-{nid}")})
-                for nid in (1, 2)}
+    contexts = _two_site_contexts(flat, node, out)
     arrays = _global_arrays()
     for server_round in (1, 2):
         messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(),
@@ -151,11 +158,7 @@ def test_class_weighted_head_gets_the_site_s_class_counts_through_the_real_clien
                               min_train_nodes=2, min_train_replies=2)
     # site 2 holds other classes than site 1 (CLASSES) and some of the same
     other = write_tiny_ham(tmp_path / "data-2", 40, ["df", "vasc", "nv"])
-    contexts = {nid: Context(run_id=1, node_id=nid, state=RecordDict(), run_config=flat,
-                             node_config={**node, "site-name": f"site-{nid}",
-                                          "output-dir": str(out / f"site-{nid}"),
-                                          **({"data-dir": str(other)} if nid == 2 else {})})
-                for nid in (1, 2)}
+    contexts = _two_site_contexts(flat, node, out, site_2={"data-dir": str(other)})
     messages = list(strategy.configure_train(1, _global_arrays(), ConfigRecord(), _TwoNodes()))
     replies = {m.metadata.dst_node_id: client_app.train(m, contexts[m.metadata.dst_node_id])
                for m in messages}
@@ -203,10 +206,7 @@ def test_local_only_round_one_training_is_the_personalized_model_and_stays_home(
     flat, node, out = site
     strategy = build_strategy("local-only", min_available_nodes=2, min_train_nodes=2,
                               min_train_replies=2)
-    contexts = {nid: Context(run_id=1, node_id=nid, state=RecordDict(), run_config=flat,
-                             node_config={**node, "site-name": f"site-{nid}",
-                                          "output-dir": str(out / f"site-{nid}")})
-                for nid in (1, 2)}
+    contexts = _two_site_contexts(flat, node, out)
     initial = _global_arrays()
     messages = list(strategy.configure_train(1, initial, ConfigRecord(), _TwoNodes()))
     assert set(messages[0].content["arrays"]) == set(initial)
@@ -236,10 +236,7 @@ def test_tensor_granularity_personalized_model_keeps_its_own_running_statistics(
     unit = "backbone.bn1.weight"
     strategy = PersonalizedFedAvg([unit], granularity="tensor", min_available_nodes=2,
                                   min_train_nodes=2, min_train_replies=2)
-    contexts = {nid: Context(run_id=1, node_id=nid, state=RecordDict(), run_config=flat,
-                             node_config={**node, "site-name": f"site-{nid}",
-                                          "output-dir": str(out / f"site-{nid}")})
-                for nid in (1, 2)}
+    contexts = _two_site_contexts(flat, node, out)
     arrays = _global_arrays()
     for server_round in (1, 2):
         messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(),
