@@ -101,6 +101,7 @@ class PersonalizedFedAvg(SiteTracking, FedAvg):
         self.share_class_totals = bool(share_class_totals)
         #: each site's last reported training images per class, by site name
         self.site_class_counts: dict[str, list[int]] = {}
+        self._round_num_classes: int | None = None  # fixed by the round's first count list
         self.personalized_layers = frozenset(personalized_layers)
         self.never_shared = self.personalized_layers
         self._global: ArrayRecord | None = None
@@ -125,6 +126,7 @@ class PersonalizedFedAvg(SiteTracking, FedAvg):
         config[PROXIMAL_MU_KEY] = self.proximal_mu
         config[PERSONALIZED_LAYERS_KEY] = sorted(self.personalized_layers)
         config[UPDATE_DTYPE_KEY] = self.update_dtype
+        self._round_num_classes = None
         if self.class_weighted_head or self.share_class_totals:
             config[CLASS_COUNTS_KEY] = True
         if self.share_class_totals and self.site_class_counts:
@@ -235,9 +237,12 @@ class PersonalizedFedAvg(SiteTracking, FedAvg):
         assert self._global is not None
         if not self._wants_class_counts():
             return None
+        # How many classes: the head's rows, else the earlier reports', else the first usable
+        # list of this round (every reply must then match it: they are summed and averaged).
         head_rows = f"{self.class_weighted_head}.weight"
-        num_classes = self._global[head_rows].shape[0] if head_rows in self._global \
-            else len(next(iter(self.site_class_counts.values()), [])) or None
+        num_classes = (self._global[head_rows].shape[0] if head_rows in self._global
+                       else len(next(iter(self.site_class_counts.values()), []))
+                       or self._round_num_classes)
         counts = _metrics(msg).get(CLASS_COUNTS_METRIC)
         if not isinstance(counts, list) or not counts \
                 or len(counts) != (num_classes or len(counts)) or not all(
@@ -245,6 +250,7 @@ class PersonalizedFedAvg(SiteTracking, FedAvg):
             return (f"metric '{CLASS_COUNTS_METRIC}' must list "
                     f"{num_classes or 'the'} training-image counts >= 0 (one per class), "
                     f"got {counts!r}")
+        self._round_num_classes = len(counts)
         return None
 
     def _check_and_log_replies(

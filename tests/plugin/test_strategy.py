@@ -629,3 +629,21 @@ def test_share_class_totals_sends_the_sum_of_the_sites_last_counts():
     assert resumed.class_totals() == strategy.class_totals()
     without = build_strategy("fedlsc")
     assert "report-class-counts" not in configure(without, g)[0].content["config"]
+
+
+def test_share_class_totals_drops_a_first_round_reply_whose_count_list_differs(flwr_logs):
+    # Round 1 with totals only: no head rows and no earlier report fix the number of
+    # classes, so the round's first list does; a reply with another length is dropped
+    # instead of breaking the metrics' element-wise average.
+    rng = np.random.default_rng(24)
+    g = small_model_state(rng)
+    strategy = build_strategy("fedlsc", share_class_totals=True)
+    configure(strategy, g)
+    states = client_states(g, 3, rng)
+    lists = [[1, 2, 3], [4, 5, 6], [7, 8]]
+    arrays, metrics = strategy.aggregate_train(1, [
+        reply(i + 1, s, **{"train-class-counts": c}) for i, (s, c) in
+        enumerate(zip(states, lists))])
+    assert arrays is not None and metrics["num-replies-dropped"] == 1
+    assert "node 3" in flwr_logs.text and "must list 3 training-image counts" in flwr_logs.text
+    assert strategy.class_totals() == [5, 7, 9]
