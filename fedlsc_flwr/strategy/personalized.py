@@ -227,10 +227,11 @@ class PersonalizedFedAvg(SiteTracking, FedAvg):
     def _wants_class_counts(self) -> bool:
         """Do the replies have to carry the sites' class counts this round?"""
         assert self._global is not None
-        head = self._class_weighted_head_layer(
+        if self.share_class_totals or not self.class_weighted_head:
+            return self.share_class_totals  # (no layer grouping per reply when both are off)
+        return self._class_weighted_head_layer(
             layer for layer in self._layers(self._global)
-            if layer.name not in self.personalized_layers)
-        return self.share_class_totals or head is not None
+            if layer.name not in self.personalized_layers) is not None
 
     def _class_count_problem(self, msg: Message) -> str | None:
         """Why the reply's class counts are unusable (None: fine, or none asked for)."""
