@@ -259,7 +259,7 @@ class Settings:
     def validate(self) -> None:
         """Values that are well-typed but unusable: one clear line on what to change."""
         from fedlsc_flwr.model import BACKBONES
-        from fedlsc_flwr.strategy import ROBUST_NAMES
+        from fedlsc_flwr.strategy import FLOWER_NAMES
 
         checks = [
             (self.model.backbone in BACKBONES, "model.backbone",
@@ -285,8 +285,8 @@ class Settings:
              "at least 0 (0 = off)"),
             (self.training.balance_over in ("site", "federation"), "training.balance-over",
              "'site' or 'federation'"),
-            (self.training.balance_over == "site" or self.strategy.name not in (
-                "fedavg", "fedprox", *ROBUST_NAMES), "training.balance-over",
+            (self.training.balance_over == "site" or self.strategy.name not in FLOWER_NAMES,
+             "training.balance-over",
              "'site' with Flower's own fedavg/fedprox and the robust strategies (they do not "
              "pass the class totals on)"),
             (0 <= self.training.logit_adjustment <= 2, "training.logit-adjustment",

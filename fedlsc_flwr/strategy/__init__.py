@@ -24,12 +24,15 @@ from fedlsc_flwr.strategy.robust import (
 )
 from fedlsc_flwr.strategy.site_tracking import SiteAwareFedAvg, SiteAwareFedProx, SiteTracking
 
-__all__ = ["ROBUST_NAMES", "STRATEGY_NAMES", "FedLSC", "HyperParameterError", "LocalOnly",
-           "PersonalizedFedAvg", "RoundReport", "SiteAwareFedAvg", "SiteAwareFedProx",
-           "SiteTracking", "build_strategy"]
+__all__ = ["FLOWER_NAMES", "ROBUST_NAMES", "STRATEGY_NAMES", "FedLSC", "HyperParameterError",
+           "LocalOnly", "PersonalizedFedAvg", "RoundReport", "SiteAwareFedAvg",
+           "SiteAwareFedProx", "SiteTracking", "build_strategy"]
 
 #: Flower 1.42's Byzantine-robust strategies (:mod:`fedlsc_flwr.strategy.robust`).
 ROBUST_NAMES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+#: The names built from Flower's own aggregation: none of this project's options beyond it
+#: (float16 updates, class counts) applies to them.
+FLOWER_NAMES = ("fedavg", "fedprox", *ROBUST_NAMES)
 STRATEGY_NAMES = (
     "fedlsc", "fedlsc-per0", "fedavg", "fedprox", "fedavg-fc", "fedprox-fc", "local-only",
     *ROBUST_NAMES)
@@ -73,7 +76,7 @@ def build_strategy(
     each round, for sites that balance their sampling over the federation.
     The names in ``ROBUST_NAMES`` are Flower's robust strategies (:func:`_build_robust`).
     """
-    if name in ("fedavg", "fedprox", *ROBUST_NAMES):
+    if name in FLOWER_NAMES:
         for option, value in (("class_weighted_head", class_weighted_head),
                               ("share_class_totals", share_class_totals)):
             if value:
