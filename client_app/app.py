@@ -29,6 +29,7 @@ from client_app.attack import poison_update
 from client_app.site import Site, apply_thread_setting, site_name
 from client_app.training import confusion_matrix
 from fedlsc_common.classes import CLASSES
+from fedlsc_flwr.calibration import MIN_CLASS_COUNT_KEY, STATISTICS_RECORD_KEY
 from fedlsc_flwr.metrics import classification_metrics
 from fedlsc_flwr.packing import packed_arrays_mod
 from fedlsc_flwr.wire import (
@@ -234,3 +235,25 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"metrics": metrics,
                                SITE_RECORD_KEY: site_record(site.identity.name),
                                TIMING_RECORD_KEY: timing}), reply_to=msg)
+
+
+@app.query("feature_statistics")
+@_named_failures
+def feature_statistics(msg: Message, context: Context) -> Message:
+    """For head calibration: per class, the count, mean and covariance of the features the
+    received (final global) model's head gets from this site's training images. No image
+    and no single image's features leave the site."""
+    timeline = Timeline()
+    site, server_round = _site(context), _round(msg)
+    site.loader("train")
+    timeline.mark("data-ready")
+    model = site.assemble(msg.content["arrays"].to_torch_state_dict(), set(), None)
+    timeline.mark("model-ready")
+    min_count = int(msg.content["config"].get(MIN_CLASS_COUNT_KEY, 1))
+    stats = site.feature_statistics(model, min_count)
+    timeline.mark("features-done")
+    return Message(RecordDict({STATISTICS_RECORD_KEY: stats.to_array_record(),
+                               SITE_RECORD_KEY: site_record(site.identity.name),
+                               TIMING_RECORD_KEY: timeline.finish(site.identity.name,
+                                                                  server_round, "query")}),
+                   reply_to=msg)

@@ -21,7 +21,9 @@ from torch import nn
 
 from client_app.attack import attack_training_records
 from client_app.data import (
+    ImageDataset,
     balanced_record_weights,
+    build_transform,
     class_counts,
     class_weights,
     logit_offsets,
@@ -32,6 +34,7 @@ from client_app.partition import load_site_split
 from client_app.training import (
     TrainStats,
     cosine_factor,
+    head_inputs,
     lr_for_round,
     resolve_device,
     train_local,
@@ -44,7 +47,8 @@ from fedlsc_common.settings import (
     resolve_results_dir,
 )
 from fedlsc_common.storage import atomic_torch_save, atomic_write_json, save_model
-from fedlsc_flwr.model import build_model, prepare_for_device
+from fedlsc_flwr.calibration import ClassFeatureStatistics, class_feature_statistics
+from fedlsc_flwr.model import CLASSIFIER_LAYER, build_model, prepare_for_device
 from fedlsc_flwr.wire import is_personalized, layer_of
 
 logger = logging.getLogger("flwr")
@@ -334,6 +338,24 @@ class Site:
         """This site's number of training images per class (what its loader trains on)."""
         return class_counts(self.loader("train").dataset.records,
                             self.settings.model.num_classes)
+
+    def feature_statistics(self, model: nn.Module, min_count: int) -> ClassFeatureStatistics:
+        """Per class: count, mean and covariance of what ``model``'s head receives for this
+        site's training images, seen as at evaluation (no augmentation, each image once);
+        a class with fewer than ``min_count`` images is left out (count 0)."""
+        train = self.loader("train").dataset
+        plain = ImageDataset(train.records, train.image_size,
+                             build_transform(train.image_size, train=False), train.images)
+        loader = torch.utils.data.DataLoader(plain, batch_size=128, shuffle=False)
+        features, labels = head_inputs(model, loader, self.device, CLASSIFIER_LAYER)
+        stats = class_feature_statistics(features, labels, self.settings.model.num_classes,
+                                         min_count)
+        left_out = [CLASSES[c] if c < len(CLASSES) else str(c) for c, n in enumerate(class_counts(
+            train.records, self.settings.model.num_classes)) if 0 < n < min_count]
+        logger.info("%s: feature statistics of %d training images for head calibration%s",
+                    self.identity.name, len(labels), f" (classes with fewer than {min_count} "
+                    f"images not reported: {', '.join(left_out)})" if left_out else "")
+        return stats
 
     def model_info(self) -> dict[str, Any]:
         return {"backbone": self.settings.model.backbone,

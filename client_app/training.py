@@ -246,3 +246,26 @@ def confusion_matrix(model: nn.Module, loader: Iterable, device: torch.device,
         matrix += torch.bincount(labels * num_classes + pred,
                                  minlength=num_classes ** 2).reshape(num_classes, num_classes)
     return matrix.numpy(), total_loss / max(seen, 1)
+
+
+def head_inputs(model: nn.Module, loader: Iterable, device: torch.device,
+                head: str = "classifier") -> tuple[np.ndarray, np.ndarray]:
+    """What the model's ``head`` layer receives for every image of ``loader`` (N×D, float32;
+    for the SA models the pooled features), and the labels, in loader order."""
+    layer = model.get_submodule(head)
+    seen: list[torch.Tensor] = []
+    handle = layer.register_forward_hook(
+        lambda _module, inputs, _output: seen.append(inputs[0].detach().float().cpu()))
+    labels: list[torch.Tensor] = []
+    model.eval()
+    try:
+        with torch.no_grad():
+            for images, batch_labels in loader:
+                with autocast_context(device):
+                    model(inputs_to_device(images, device))
+                labels.append(batch_labels)
+    finally:
+        handle.remove()
+    if not seen:
+        raise ValueError("head_inputs: the loader is empty")
+    return torch.cat(seen).flatten(1).numpy(), torch.cat(labels).numpy()

@@ -154,6 +154,17 @@ class TrainingSettings:
     num_workers: int
 
 
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """Head calibration after the last round (``fedlsc_flwr.calibration``)."""
+
+    enabled: bool
+    min_class_count: int
+    samples_per_class: int
+    steps: int
+    lr: float
+
+
 #: What a simulated bad site can do (``attack.kind``); see conf/attack/none.yaml.
 ATTACK_KINDS = ("none", "label-noise", "label-permutation", "poison")
 
@@ -189,6 +200,7 @@ class Settings:
     model: ModelSettings
     training: TrainingSettings
     attack: AttackSettings
+    calibration: CalibrationSettings
     num_server_rounds: int
     seed: int
     results_dir: str
@@ -296,6 +308,12 @@ class Settings:
             (0 <= self.training.momentum < 1, "training.momentum", "in [0, 1)"),
             (self.training.weight_decay >= 0, "training.weight-decay", "at least 0"),
             (0 <= self.training.label_smoothing < 1, "training.label-smoothing", "in [0, 1)"),
+            (self.calibration.min_class_count >= 1, "calibration.min-class-count",
+             "at least 1"),
+            (self.calibration.samples_per_class >= 1, "calibration.samples-per-class",
+             "at least 1"),
+            (self.calibration.steps >= 1, "calibration.steps", "at least 1"),
+            (self.calibration.lr > 0, "calibration.lr", "a number > 0"),
             (self.min_train_nodes >= 1, "min-train-nodes", "at least 1"),
             (self.min_available_nodes >= self.min_train_nodes, "min-available-nodes",
              f"at least min-train-nodes ({self.min_train_nodes})"),

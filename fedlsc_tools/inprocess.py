@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedlsc_flwr.calibration import FEATURE_STATISTICS_MESSAGE_TYPE
 from fedlsc_flwr.packing import packed_arrays_mod
 
 
@@ -70,7 +71,9 @@ class InProcessGrid(Grid):
         from client_app import app as client_app
 
         handler = {MessageType.TRAIN: client_app.train,
-                   MessageType.EVALUATE: client_app.evaluate}[message.metadata.message_type]
+                   MessageType.EVALUATE: client_app.evaluate,
+                   FEATURE_STATISTICS_MESSAGE_TYPE: client_app.feature_statistics,
+                   }[message.metadata.message_type]
         context = self.contexts[message.metadata.dst_node_id]
         TaskIdentity.node_id = message.metadata.dst_node_id
         try:  # through the ClientApp's mods, as Flower calls it

@@ -25,6 +25,7 @@ from fedlsc_flwr.metrics import pooled_evaluate_metrics
 from fedlsc_flwr.model import build_model
 from fedlsc_flwr.packing import PackingGrid
 from fedlsc_flwr.wire import array_from_numpy
+from server_app.calibration import calibrate_and_evaluate
 from server_app.plots import PlotWriter
 from server_app.recorder import (
     MeteredGrid,
@@ -122,6 +123,13 @@ def main(grid: Grid, context: Context) -> None:
                    train_config=ConfigRecord({"round-offset": done}),
                    evaluate_config=ConfigRecord({"round-offset": done}),
                    evaluate_fn=recorder)
+    try:
+        calibrate_and_evaluate(settings, metered, recorded, recorder, last_round=remaining,
+                               round_offset=done)
+    except Exception as err:  # the trained model and its results are still written
+        log(ERROR, "Head calibration failed (%s: %s); the model as trained stays final",
+            type(err).__name__, err)
+        recorder.record_calibration(None, {"skipped": f"failed: {type(err).__name__}: {err}"})
     summary = recorder.finish()
     lock.close()
     if summary["rounds_aggregated"] == 0:

@@ -65,8 +65,7 @@ class MeteredGrid:
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
-        kind = "train" if messages and messages[0].metadata.message_type == MessageType.TRAIN \
-            else "evaluate"
+        kind = message_kind(messages[0]) if messages else "evaluate"
         # counted before a PackingGrid below packs them, as the strategy made them
         self.traffic[f"{kind}-sent"] = self.traffic.get(f"{kind}-sent", 0) + sum(
             message_bytes(m) for m in messages)
@@ -85,6 +84,12 @@ class MeteredGrid:
     def take_marks(self) -> dict[str, float]:
         marks, self.marks = self.marks, {}
         return marks
+
+
+def message_kind(message: Message) -> str:
+    """"train", "evaluate" or "query" (the category of "query.<action>")."""
+    kind = str(message.metadata.message_type).split(".", 1)[0]
+    return kind if kind in (MessageType.TRAIN, MessageType.QUERY) else "evaluate"
 
 
 class RecordedStrategy(Strategy):
@@ -358,8 +363,7 @@ class RunRecorder:
         train, evaluate, aggregated = self.recorded.take_round()
 
         def group(prefix: str) -> dict[str, Any]:
-            return {k[len(prefix):]: v for k, v in evaluate.items()
-                    if k.startswith(prefix) and not isinstance(v, list)}
+            return _group(evaluate, prefix)
 
         similarity = {k: v for k, v in train.items() if k.startswith("lsc-")}
         confusion = self._confusion(evaluate, self.recorded.take_site_confusion())
@@ -419,6 +423,40 @@ class RunRecorder:
             return None
         return {**report.agreement, "round": true_round}
 
+    def record_calibration(self, arrays: ArrayRecord | None,
+                           info: Mapping[str, Any]) -> dict[str, Any]:
+        """After the last round, the head calibration (``server_app.calibration``): its
+        ``info`` and, when it ran (``arrays``, the calibrated model), the sites' evaluation
+        of it, as ``"calibration"`` in the last row of metrics.jsonl. The calibrated model
+        is what ``finish`` saves as global_model.pt and reports as final; checkpoint.pt
+        keeps the model as trained (a resume trains on from it)."""
+        if not self.rows:
+            raise RuntimeError("record_calibration: no round was recorded")
+        _, evaluate, _ = self.recorded.take_round()
+        site_confusion = self.recorded.take_site_confusion()
+        self.recorded.take_costs()
+        entry: dict[str, Any] = dict(info)
+        if arrays is not None:
+            entry.update({
+                "global": _group(evaluate, "global-"),
+                "personalized": _group(evaluate, "personal-"),
+                "sites-evaluated": int(evaluate.get("num-sites", 0)) or None,
+                "confusion": self._confusion(evaluate, site_confusion),
+            })
+            self.last_arrays = arrays
+        entry["bytes"] = self.grid.take_traffic()
+        row = self.rows[-1]
+        row["calibration"] = entry
+        atomic_write_text(self.dir / "metrics.jsonl",
+                          "".join(json.dumps(r) + "\n" for r in self.rows))
+        if entry.get("confusion"):
+            self.plots.submit(
+                self.dir / "confusion_matrix.png", plot_confusion,
+                copy.deepcopy(entry["confusion"]),
+                title=f"{self.strategy_name}, round {row['round']}, head calibrated: "
+                      "held-out confusion matrices, colour = share of the true class")
+        return entry
+
     def finish(self) -> dict[str, Any]:
         """Final model and summary.json (after every plot is drawn); returns the summary."""
         self.plots.close()
@@ -426,8 +464,21 @@ class RunRecorder:
             save_model(self.dir / "global_model.pt",
                        {k: v.numpy() for k, v in self.last_arrays.items()},
                        **self.model_info, class_names=self.class_names,
-                       round=self.rows[-1]["round"] if self.rows else 0, kind="global")
+                       round=self.rows[-1]["round"] if self.rows else 0, kind="global",
+                       head_calibrated=bool(self.rows and (self.rows[-1].get("calibration")
+                                                           or {}).get("global")))
         scored = self.global_model_scored
+        last = self.rows[-1] if self.rows else {}
+        calibration = last.get("calibration")
+        applied = bool(calibration and calibration.get("global"))
+        final = calibration if applied else {"global": last.get("global", {}),
+                                             "personalized": last.get("personalized", {})}
+        if calibration is not None:
+            calibration = {"applied": applied,
+                           **{k: v for k, v in calibration.items()
+                              if k not in ("global", "personalized", "confusion")},
+                           "before": {"global": last.get("global", {}) if scored else {},
+                                      "personalized": last.get("personalized", {})}}
         reached = {}
         for target in self.targets:
             hit = next((r["round"] for r in self.rows
@@ -440,8 +491,12 @@ class RunRecorder:
             # Not scored: the global model holds layers no round trained ("never_trained").
             "global_model": {"scored": scored,
                              "never_trained": sorted(self.strategy.never_shared)},
-            "final": {"global": self.rows[-1]["global"] if self.rows and scored else {},
-                      "personalized": self.rows[-1]["personalized"] if self.rows else {}},
+            # the calibrated model's scores where the head calibration ran
+            "final": {"global": final["global"] if scored else {},
+                      "personalized": final["personalized"]},
+            # {"applied": bool, ...}: see record_calibration; "before" = the last round's
+            # scores of the model as trained
+            "calibration": calibration,
             "rounds_to_reach_accuracy": reached if scored else {},
             "personalized_layers": sorted(self.strategy.personalized_layers),
             "bytes_per_round": _mean_traffic(self.rows),
@@ -455,6 +510,12 @@ class RunRecorder:
         if self.tensorboard is not None:
             self.tensorboard.close()
         return summary
+
+
+def _group(evaluate: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """The scalar metrics of one model group ("global-", "personal-"), prefix removed."""
+    return {k[len(prefix):]: v for k, v in evaluate.items()
+            if k.startswith(prefix) and not isinstance(v, list)}
 
 
 def _square(flat: list[int], size: int) -> list[list[int]] | None:

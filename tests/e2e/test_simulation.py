@@ -92,6 +92,11 @@ def test_every_results_file_is_written(runs):
     assert pooled.shape == (7, 7) and pooled.sum() == sum(
         np.sum(m) for m in confusion["global"]["sites"].values())
     assert np.trace(pooled) / pooled.sum() == pytest.approx(metrics[-1]["global"]["accuracy"])
+    # the head calibration's query messages went through Flower's simulation too
+    calibration = metrics[-1]["calibration"]
+    assert calibration["sites"] == ["site-0", "site-1", "site-2"]
+    assert calibration["sites-evaluated"] == 3 and summary["calibration"]["applied"] is True
+    assert summary["final"]["global"] == calibration["global"]
     similarity = [json.loads(line) for line in (out / "similarity.jsonl").read_text().splitlines()]
     assert [s["round"] for s in similarity] == [1, 2]
     assert len(similarity[0]["node_ids"]) == 3
