@@ -213,6 +213,7 @@ class Settings:
     round_timeout: int
     wait_for_sites_seconds: int
     evaluate_every: int
+    average_last_rounds: int
     device: str
     tensorboard: bool
 
@@ -321,6 +322,7 @@ class Settings:
              f"between 1 and min-train-nodes ({self.min_train_nodes})"),
             (self.round_timeout >= 1, "round-timeout", "at least 1 (seconds)"),
             (self.evaluate_every >= 1, "evaluate-every", "at least 1 (rounds)"),
+            (self.average_last_rounds >= 1, "average-last-rounds", "at least 1 (1 = off)"),
             (self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"), "device",
              "'auto', 'cpu', 'cuda' or 'cuda:N'"),
             *self._attack_checks(),

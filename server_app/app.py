@@ -13,7 +13,7 @@ from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
@@ -25,7 +25,7 @@ from fedlsc_flwr.metrics import pooled_evaluate_metrics
 from fedlsc_flwr.model import build_model
 from fedlsc_flwr.packing import PackingGrid
 from fedlsc_flwr.wire import array_from_numpy
-from server_app.calibration import calibrate_and_evaluate
+from server_app.final_model import averager_for, finish_model
 from server_app.plots import PlotWriter
 from server_app.recorder import (
     MeteredGrid,
@@ -118,18 +118,25 @@ def main(grid: Grid, context: Context) -> None:
         class_names=list(CLASSES), targets=settings.targets, previous_rows=rows,
         tensorboard=tensorboard, simulated_attack=attack,
         plots=PlotWriter(background=True))  # off the round's critical path
+    averager = averager_for(settings)  # the final model may average the last rounds'
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if averager is not None:
+            averager.add(server_round + done, arrays)
+        return recorder(server_round, arrays)
+
     recorded.start(grid=metered, initial_arrays=arrays, num_rounds=remaining,
                    timeout=float(settings.round_timeout),
                    train_config=ConfigRecord({"round-offset": done}),
                    evaluate_config=ConfigRecord({"round-offset": done}),
-                   evaluate_fn=recorder)
+                   evaluate_fn=evaluate_fn)
     try:
-        calibrate_and_evaluate(settings, metered, recorded, recorder, last_round=remaining,
-                               round_offset=done)
+        finish_model(settings, metered, recorded, recorder, averager, last_round=remaining,
+                     round_offset=done)
     except Exception as err:  # the trained model and its results are still written
-        log(ERROR, "Head calibration failed (%s: %s); the model as trained stays final",
-            type(err).__name__, err)
-        recorder.record_calibration(None, {"skipped": f"failed: {type(err).__name__}: {err}"})
+        log(ERROR, "Making the final model failed (%s: %s); the last round's model stays "
+            "final", type(err).__name__, err)
+        recorder.record_final_model(None, {"failed": f"{type(err).__name__}: {err}"})
     summary = recorder.finish()
     lock.close()
     if summary["rounds_aggregated"] == 0:

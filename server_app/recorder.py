@@ -423,15 +423,16 @@ class RunRecorder:
             return None
         return {**report.agreement, "round": true_round}
 
-    def record_calibration(self, arrays: ArrayRecord | None,
+    def record_final_model(self, arrays: ArrayRecord | None,
                            info: Mapping[str, Any]) -> dict[str, Any]:
-        """After the last round, the head calibration (``server_app.calibration``): its
-        ``info`` and, when it ran (``arrays``, the calibrated model), the sites' evaluation
-        of it, as ``"calibration"`` in the last row of metrics.jsonl. The calibrated model
-        is what ``finish`` saves as global_model.pt and reports as final; checkpoint.pt
-        keeps the model as trained (a resume trains on from it)."""
+        """After the last round (``server_app.final_model``): how the final global model
+        was made (``info``: averaged rounds, head calibration) and, when it differs from the
+        last round's (``arrays``), the sites' evaluation of it, as ``"final-model"`` in the
+        last row of metrics.jsonl. ``finish`` then saves it as global_model.pt and reports
+        its scores as final; checkpoint.pt keeps the last round's model (a resume trains on
+        from it)."""
         if not self.rows:
-            raise RuntimeError("record_calibration: no round was recorded")
+            raise RuntimeError("record_final_model: no round was recorded")
         _, evaluate, _ = self.recorded.take_round()
         site_confusion = self.recorded.take_site_confusion()
         self.recorded.take_costs()
@@ -446,14 +447,14 @@ class RunRecorder:
             self.last_arrays = arrays
         entry["bytes"] = self.grid.take_traffic()
         row = self.rows[-1]
-        row["calibration"] = entry
+        row["final-model"] = entry
         atomic_write_text(self.dir / "metrics.jsonl",
                           "".join(json.dumps(r) + "\n" for r in self.rows))
         if entry.get("confusion"):
             self.plots.submit(
                 self.dir / "confusion_matrix.png", plot_confusion,
                 copy.deepcopy(entry["confusion"]),
-                title=f"{self.strategy_name}, round {row['round']}, head calibrated: "
+                title=f"{self.strategy_name}, final model after round {row['round']}: "
                       "held-out confusion matrices, colour = share of the true class")
         return entry
 
@@ -465,20 +466,24 @@ class RunRecorder:
                        {k: v.numpy() for k, v in self.last_arrays.items()},
                        **self.model_info, class_names=self.class_names,
                        round=self.rows[-1]["round"] if self.rows else 0, kind="global",
-                       head_calibrated=bool(self.rows and (self.rows[-1].get("calibration")
-                                                           or {}).get("global")))
+                       **_final_model_info(self.rows[-1].get("final-model") if self.rows
+                                           else None))
         scored = self.global_model_scored
         last = self.rows[-1] if self.rows else {}
-        calibration = last.get("calibration")
-        applied = bool(calibration and calibration.get("global"))
-        final = calibration if applied else {"global": last.get("global", {}),
-                                             "personalized": last.get("personalized", {})}
-        if calibration is not None:
-            calibration = {"applied": applied,
-                           **{k: v for k, v in calibration.items()
-                              if k not in ("global", "personalized", "confusion")},
-                           "before": {"global": last.get("global", {}) if scored else {},
-                                      "personalized": last.get("personalized", {})}}
+        entry = last.get("final-model")
+        evaluated = bool(entry and entry.get("global"))
+        final = entry if evaluated else {"global": last.get("global", {}),
+                                         "personalized": last.get("personalized", {})}
+        final_model = None
+        if entry is not None:
+            final_model = {
+                "evaluated": evaluated,
+                "averaged_rounds": entry.get("averaged-rounds", []) if evaluated else [],
+                "head_calibrated": _head_calibrated(entry),
+                "calibration": entry.get("calibration"),
+                "before": {"global": last.get("global", {}) if scored else {},
+                           "personalized": last.get("personalized", {})},
+            }
         reached = {}
         for target in self.targets:
             hit = next((r["round"] for r in self.rows
@@ -491,12 +496,11 @@ class RunRecorder:
             # Not scored: the global model holds layers no round trained ("never_trained").
             "global_model": {"scored": scored,
                              "never_trained": sorted(self.strategy.never_shared)},
-            # the calibrated model's scores where the head calibration ran
+            # the final model's scores (server_app.final_model: averaged, head calibrated)
             "final": {"global": final["global"] if scored else {},
                       "personalized": final["personalized"]},
-            # {"applied": bool, ...}: see record_calibration; "before" = the last round's
-            # scores of the model as trained
-            "calibration": calibration,
+            # how the final model was made; "before" = the last round's model's scores
+            "final_model": final_model,
             "rounds_to_reach_accuracy": reached if scored else {},
             "personalized_layers": sorted(self.strategy.personalized_layers),
             "bytes_per_round": _mean_traffic(self.rows),
@@ -510,6 +514,19 @@ class RunRecorder:
         if self.tensorboard is not None:
             self.tensorboard.close()
         return summary
+
+
+def _head_calibrated(entry: Mapping[str, Any] | None) -> bool:
+    calibration = (entry or {}).get("calibration")
+    return bool(entry and entry.get("global") and calibration
+                and "skipped" not in calibration)
+
+
+def _final_model_info(entry: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What global_model.pt's info says of how it was made."""
+    evaluated = bool(entry and entry.get("global"))
+    return {"averaged_rounds": list(entry.get("averaged-rounds", [])) if evaluated else [],
+            "head_calibrated": _head_calibrated(entry)}
 
 
 def _group(evaluate: Mapping[str, Any], prefix: str) -> dict[str, Any]:

@@ -93,10 +93,10 @@ def test_every_results_file_is_written(runs):
         np.sum(m) for m in confusion["global"]["sites"].values())
     assert np.trace(pooled) / pooled.sum() == pytest.approx(metrics[-1]["global"]["accuracy"])
     # the head calibration's query messages went through Flower's simulation too
-    calibration = metrics[-1]["calibration"]
-    assert calibration["sites"] == ["site-0", "site-1", "site-2"]
-    assert calibration["sites-evaluated"] == 3 and summary["calibration"]["applied"] is True
-    assert summary["final"]["global"] == calibration["global"]
+    final = metrics[-1]["final-model"]
+    assert final["calibration"]["sites"] == ["site-0", "site-1", "site-2"]
+    assert final["sites-evaluated"] == 3 and summary["final_model"]["head_calibrated"] is True
+    assert summary["final"]["global"] == final["global"]
     similarity = [json.loads(line) for line in (out / "similarity.jsonl").read_text().splitlines()]
     assert [s["round"] for s in similarity] == [1, 2]
     assert len(similarity[0]["node_ids"]) == 3
