@@ -56,6 +56,10 @@ def test_run_completes_and_every_site_writes_its_personalized_model(deployment):
     assert all(r["sites-evaluated"] == 3 for r in rows)
     for name in ("summary.json", "global_model.pt", "checkpoint.pt", "accuracy.png"):
         assert (results / name).is_file(), name
+    # the head calibration's query messages went through the real SuperLink and SuperNodes
+    final = rows[-1]["final-model"]
+    assert final["calibration"]["sites"] == ["hospital-0", "hospital-1", "hospital-2"]
+    assert final["sites-evaluated"] == 3
     for site in deployment["sites"]:
         blob = read_model_file(site.output_dir / "personalized_model.pt")
         assert blob["info"]["site"] == site.name and blob["info"]["kind"] == "personalized"
