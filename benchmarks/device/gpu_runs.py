@@ -192,7 +192,9 @@ def run_recipes(out: Path, seconds: float, parallel: int, seeds: list[int],
 def summarise_recipes(out: Path, variants: dict[str, list[str]],
                       seeds: list[int]) -> tuple[str, list[dict]]:
     """A markdown table (one row per variant: each seed's last-round global balanced
-    accuracy, with the round it is from when the run did not finish) and every run's rounds."""
+    accuracy, with the round it is from when the run did not finish, and "→ final" where the
+    run's final model (averaged, head calibrated) scored otherwise; the mean is of what the
+    finished runs report as final) and every run's rounds."""
     rows, lines = [], ["| variant | overrides | " + " | ".join(f"seed {s}" for s in seeds)
                        + " | mean of finished |", "|---|---|" + "---|" * (len(seeds) + 1)]
     for name, overrides in variants.items():
@@ -204,8 +206,10 @@ def summarise_recipes(out: Path, variants: dict[str, list[str]],
                 if metrics.is_file() else []
             scored = [(r["round"], r["global"]) for r in rounds if r.get("global")]
             done = (results / "summary.json").is_file()
+            summary = json.loads((results / "summary.json").read_text()) if done else {}
+            final = ((summary.get("final") or {}).get("global") or {}).get("balanced-accuracy")
             rows.append({"variant": name, "seed": seed, "overrides": overrides,
-                         "finished": done,
+                         "finished": done, "final_balanced_accuracy": final,
                          "balanced_accuracy": {rnd: g.get("balanced-accuracy")
                                                for rnd, g in scored},
                          "accuracy": {rnd: g.get("accuracy") for rnd, g in scored}})
@@ -214,9 +218,12 @@ def summarise_recipes(out: Path, variants: dict[str, list[str]],
                 continue
             last_round, last = scored[-1]
             value = last.get("balanced-accuracy", float("nan"))
-            cells.append(f"{value:.3f}" if done else f"{value:.3f} (round {last_round})")
-            if done:
-                finished.append(value)
+            if not done:
+                cells.append(f"{value:.3f} (round {last_round})")
+                continue
+            final = value if final is None else final
+            cells.append(f"{value:.3f}" + (f" → {final:.3f}" if final != value else ""))
+            finished.append(final)
         mean = f"{sum(finished) / len(finished):.3f} ({len(finished)})" if finished else "–"
         lines.append(f"| {name} | {' '.join(overrides) or '(main job)'} | "
                      + " | ".join(cells) + f" | {mean} |")

@@ -4,7 +4,8 @@
 #   run (carry .gpu):  bash benchmarks/device/run_on_gpu.sh PRESET_SECONDS TABLE_SECONDS [RECIPE_SECONDS]
 # PRESET_SECONDS of the paper preset (issue 12 item 7), then TABLE_SECONDS of the paper
 # table with the main job's recipe, then RECIPE_SECONDS of the screen of main-job recipes
-# in benchmarks/device/recipe_screen.json (RECIPE_SEEDS, default 0 1 2; 0 skips any). The preset starts from random weights:
+# in benchmarks/device/recipe_screen.json (or RECIPE_VARIANTS; RECIPE_SEEDS, default 0 1 2;
+# 0 skips any). The preset starts from random weights:
 # Res2Net's ImageNet weights need timm's download, and that machine has no network. Work stays under /tmp/gpu-work, so a
 # second call on the same warm machine resumes the table; what comes back goes to $OUT.
 set -uo pipefail
@@ -42,7 +43,8 @@ if [ "${2:-0}" != 0 ]; then
 fi
 if [ "${3:-0}" != 0 ]; then
   python3 benchmarks/device/gpu_runs.py recipes --out $work/recipes --seconds "$3" \
-    --parallel ${RECIPE_PARALLEL:-14} --variants benchmarks/device/recipe_screen.json \
+    --parallel ${RECIPE_PARALLEL:-14} \
+    --variants ${RECIPE_VARIANTS:-benchmarks/device/recipe_screen.json} \
     --seeds ${RECIPE_SEEDS:-0 1 2} \
     --set model.pretrained=$PWD/.gpu/lite0_imagenet_fp16.pt ${RECIPE_SET:-}
   cp $work/recipes/recipes.md $work/recipes/recipes.jsonl "$OUT"/ 2>/dev/null

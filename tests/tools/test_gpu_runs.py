@@ -68,9 +68,23 @@ def test_recipe_screen_summary_names_unfinished_runs_and_averages_finished_ones(
     assert rows[1]["balanced_accuracy"] == {1: 0.2, 2: 0.4}
 
 
+def test_recipe_screen_summary_shows_the_final_model_where_it_scored_otherwise(tmp_path):
+    results = tmp_path / "a" / "seed0" / "results"
+    results.mkdir(parents=True)
+    (results / "metrics.jsonl").write_text(json.dumps(
+        {"round": 1, "global": {"balanced-accuracy": 0.5, "accuracy": 0.7}}))
+    (results / "summary.json").write_text(json.dumps(
+        {"final": {"global": {"balanced-accuracy": 0.55}}}))
+    table, rows = gpu_runs.summarise_recipes(tmp_path, {"a": []}, [0])
+    assert "| a | (main job) | 0.500 → 0.550 | 0.550 (1) |" in table
+    assert rows[0]["final_balanced_accuracy"] == 0.55
+
+
 def test_recipe_screen_variants_compose():
     variants = json.loads((_ROOT / "benchmarks" / "device" / "recipe_screen.json").read_text())
     variants.update(json.loads(
         (_ROOT / "benchmarks" / "device" / "recipe_screen_2.json").read_text()))
+    variants.update(json.loads(
+        (_ROOT / "benchmarks" / "device" / "recipe_final_model.json").read_text()))
     for overrides in variants.values():
         Settings.from_hydra(overrides)  # raises on a key or value that does not exist
