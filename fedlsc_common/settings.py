@@ -163,6 +163,7 @@ class CalibrationSettings:
     samples_per_class: int
     steps: int
     lr: float
+    draws: int
 
 
 #: What a simulated bad site can do (``attack.kind``); see conf/attack/none.yaml.
@@ -315,6 +316,7 @@ class Settings:
              "at least 1"),
             (self.calibration.steps >= 1, "calibration.steps", "at least 1"),
             (self.calibration.lr > 0, "calibration.lr", "a number > 0"),
+            (self.calibration.draws >= 1, "calibration.draws", "at least 1"),
             (self.min_train_nodes >= 1, "min-train-nodes", "at least 1"),
             (self.min_available_nodes >= self.min_train_nodes, "min-available-nodes",
              f"at least min-train-nodes ({self.min_train_nodes})"),

@@ -162,10 +162,20 @@ def sample_virtual_features(stats: ClassFeatureStatistics, samples_per_class: in
 
 def calibrate_head(weight: np.ndarray, bias: np.ndarray, stats: ClassFeatureStatistics, *,
                    samples_per_class: int = 2000, steps: int = 300, lr: float = 1e-3,
-                   batch_size: int = 256, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                   batch_size: int = 256, seed: int = 0, draws: int = 1
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """The linear head (``weight`` K×D, ``bias`` K) retrained by Adam on class-balanced
     virtual features, from its trained values; rows of classes without statistics are
-    kept and left out of the softmax."""
+    kept and left out of the softmax. With ``draws`` > 1: the mean of the heads retrained
+    on that many independent draws of virtual features (seeds ``seed``, ``seed`` + 1, …),
+    itself a linear head, which depends less on one draw."""
+    if draws < 1:
+        raise ValueError(f"draws = {draws}: must be at least 1")
+    if draws > 1:
+        heads = [calibrate_head(weight, bias, stats, samples_per_class=samples_per_class,
+                                steps=steps, lr=lr, batch_size=batch_size, seed=seed + i)
+                 for i in range(draws)]
+        return (np.mean([w for w, _ in heads], axis=0), np.mean([b for _, b in heads], axis=0))
     weight = np.asarray(weight, dtype=np.float64)
     bias = np.asarray(bias, dtype=np.float64)
     if weight.shape != (stats.num_classes, stats.dim) or bias.shape != (stats.num_classes,):

@@ -155,7 +155,7 @@ def _calibrate(settings: Settings, grid: MeteredGrid, recorded: RecordedStrategy
         pooled = pool_statistics(list(statistics.values()))
         calibrated = with_calibrated_head(
             arrays, pooled, CLASSIFIER_LAYER, samples_per_class=c.samples_per_class,
-            steps=c.steps, lr=c.lr, seed=settings.seed)
+            steps=c.steps, lr=c.lr, seed=settings.seed, draws=c.draws)
     except (StatisticsError, np.linalg.LinAlgError) as err:
         log(WARNING, "Head calibration skipped: %s; the head stays as trained", err)
         return None, {**info, "skipped": str(err)}

@@ -131,6 +131,22 @@ def test_classes_without_statistics_keep_their_rows_and_calibration_is_reproduci
     assert b1[2] == bias[2] and not np.allclose(w1[:2], weight[:2])
 
 
+def test_several_draws_give_the_mean_of_the_heads_of_each_draw():
+    rng = np.random.default_rng(8)
+    x, y, _ = _blobs(rng, [40, 40])
+    stats = class_feature_statistics(x, y, 2)
+    weight, bias = rng.normal(size=(2, 6)), rng.normal(size=2)
+    single = [calibrate_head(weight, bias, stats, samples_per_class=30, steps=10, seed=s)
+              for s in (3, 4, 5)]
+    mean_w, mean_b = calibrate_head(weight, bias, stats, samples_per_class=30, steps=10,
+                                    seed=3, draws=3)
+    np.testing.assert_allclose(mean_w, np.mean([w for w, _ in single], axis=0))
+    np.testing.assert_allclose(mean_b, np.mean([b for _, b in single], axis=0))
+    assert not np.allclose(single[0][0], single[1][0])  # the draws do differ
+    with pytest.raises(ValueError, match="draws = 0"):
+        calibrate_head(weight, bias, stats, draws=0)
+
+
 def test_a_head_of_another_shape_than_the_statistics_is_refused():
     stats = class_feature_statistics(np.zeros((4, 5)), np.array([0, 0, 1, 1]), 2)
     with pytest.raises(StatisticsError, match=r"head of shape \(3, 5\)"):
