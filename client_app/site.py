@@ -350,8 +350,8 @@ class Site:
         features, labels = head_inputs(model, loader, self.device, CLASSIFIER_LAYER)
         stats = class_feature_statistics(features, labels, self.settings.model.num_classes,
                                          min_count)
-        left_out = [CLASSES[c] if c < len(CLASSES) else str(c) for c, n in enumerate(class_counts(
-            train.records, self.settings.model.num_classes)) if 0 < n < min_count]
+        left_out = [CLASSES[c] if c < len(CLASSES) else str(c)
+                    for c, n in enumerate(self.train_class_counts()) if 0 < n < min_count]
         logger.info("%s: feature statistics of %d training images for head calibration%s",
                     self.identity.name, len(labels), f" (classes with fewer than {min_count} "
                     f"images not reported: {', '.join(left_out)})" if left_out else "")

@@ -301,8 +301,7 @@ class RunRecorder:
         row["agreement"] = self._agreement(server_round, true_round)
         self.rows.append(row)
         self.last_arrays = arrays
-        atomic_write_text(self.dir / "metrics.jsonl",
-                          "".join(json.dumps(r) + "\n" for r in self.rows))
+        self._write_rows()
         if self.tensorboard is not None:
             self.tensorboard.write(row)
         report = self.strategy.last_report
@@ -342,8 +341,7 @@ class RunRecorder:
         row["round-seconds"] = round(time.perf_counter() - self._round_start, 2)
         row["timing"]["server"].update({"record-start": record_start, "recorded": time.time()})
         log(INFO, "Round %s server timing %s", true_round, json.dumps(row["timing"]))
-        atomic_write_text(self.dir / "metrics.jsonl",
-                          "".join(json.dumps(r) + "\n" for r in self.rows))
+        self._write_rows()
         self._round_start = time.perf_counter()
         self._round_started_at = time.time()
         glob, own = row["global"], row["personalized"]
@@ -359,11 +357,13 @@ class RunRecorder:
                 row["sites-evaluated"], len(self.strategy.never_shared), self.dir)
         return MetricRecord({k: v for k, v in glob.items() if isinstance(v, float)})
 
+    def _write_rows(self) -> None:
+        """metrics.jsonl: every recorded row, written atomically."""
+        atomic_write_text(self.dir / "metrics.jsonl",
+                          "".join(json.dumps(r) + "\n" for r in self.rows))
+
     def _row(self, true_round: int) -> dict[str, Any]:
         train, evaluate, aggregated = self.recorded.take_round()
-
-        def group(prefix: str) -> dict[str, Any]:
-            return _group(evaluate, prefix)
 
         similarity = {k: v for k, v in train.items() if k.startswith("lsc-")}
         confusion = self._confusion(evaluate, self.recorded.take_site_confusion())
@@ -377,10 +377,10 @@ class RunRecorder:
             "strategy": self.strategy_name,
             "train": {k: v for k, v in train.items() if not k.startswith("lsc-")},
             "aggregated": aggregated,  # False: too few usable replies, model kept
-            "global": group("global-"),
+            "global": _group(evaluate, "global-"),
             # False: the global model holds layers no round trained (see global_model_scored)
             "global-model-scored": self.global_model_scored,
-            "personalized": group("personal-"),
+            "personalized": _group(evaluate, "personal-"),
             "sites-evaluated": int(evaluate.get("num-sites", 0)) or None,
             # sites that failed this round: [{"site", "node", "reason"}] per phase
             "failures": {phase: list(found) for phase, found in self.strategy.failures.items()},
@@ -448,8 +448,7 @@ class RunRecorder:
         entry["bytes"] = self.grid.take_traffic()
         row = self.rows[-1]
         row["final-model"] = entry
-        atomic_write_text(self.dir / "metrics.jsonl",
-                          "".join(json.dumps(r) + "\n" for r in self.rows))
+        self._write_rows()
         if entry.get("confusion"):
             self.plots.submit(
                 self.dir / "confusion_matrix.png", plot_confusion,
@@ -461,25 +460,23 @@ class RunRecorder:
     def finish(self) -> dict[str, Any]:
         """Final model and summary.json (after every plot is drawn); returns the summary."""
         self.plots.close()
+        last = self.rows[-1] if self.rows else {}
+        entry = last.get("final-model")
+        evaluated = bool(entry and entry.get("global"))
+        made = {"averaged_rounds": list(entry.get("averaged-rounds", [])) if evaluated else [],
+                "head_calibrated": evaluated and _calibration_ran(entry)}
         if self.last_arrays is not None:
             save_model(self.dir / "global_model.pt",
                        {k: v.numpy() for k, v in self.last_arrays.items()},
                        **self.model_info, class_names=self.class_names,
-                       round=self.rows[-1]["round"] if self.rows else 0, kind="global",
-                       **_final_model_info(self.rows[-1].get("final-model") if self.rows
-                                           else None))
+                       round=last.get("round", 0), kind="global", **made)
         scored = self.global_model_scored
-        last = self.rows[-1] if self.rows else {}
-        entry = last.get("final-model")
-        evaluated = bool(entry and entry.get("global"))
         final = entry if evaluated else {"global": last.get("global", {}),
                                          "personalized": last.get("personalized", {})}
         final_model = None
         if entry is not None:
             final_model = {
-                "evaluated": evaluated,
-                "averaged_rounds": entry.get("averaged-rounds", []) if evaluated else [],
-                "head_calibrated": _head_calibrated(entry),
+                "evaluated": evaluated, **made,
                 "calibration": entry.get("calibration"),
                 "before": {"global": last.get("global", {}) if scored else {},
                            "personalized": last.get("personalized", {})},
@@ -516,17 +513,10 @@ class RunRecorder:
         return summary
 
 
-def _head_calibrated(entry: Mapping[str, Any] | None) -> bool:
-    calibration = (entry or {}).get("calibration")
-    return bool(entry and entry.get("global") and calibration
-                and "skipped" not in calibration)
-
-
-def _final_model_info(entry: Mapping[str, Any] | None) -> dict[str, Any]:
-    """What global_model.pt's info says of how it was made."""
-    evaluated = bool(entry and entry.get("global"))
-    return {"averaged_rounds": list(entry.get("averaged-rounds", [])) if evaluated else [],
-            "head_calibrated": _head_calibrated(entry)}
+def _calibration_ran(entry: Mapping[str, Any]) -> bool:
+    """Did the head calibration of this final-model entry run (not skipped)?"""
+    calibration = entry.get("calibration")
+    return bool(calibration and "skipped" not in calibration)
 
 
 def _group(evaluate: Mapping[str, Any], prefix: str) -> dict[str, Any]:
