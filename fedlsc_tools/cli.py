@@ -143,10 +143,34 @@ def federation_run_config(run_config: Sequence[str], num_supernodes: int | None
     return count, [f"{key}={_toml_value(value)}" for key, value in merged.items()]
 
 
+def cpus_per_client_for(num_supernodes: int, cores: int) -> int:
+    """CPUs (and torch threads: Ray sets ``OMP_NUM_THREADS`` from them) per virtual
+    SuperNode of a simulation on ``cores`` cores.
+
+    With at least as many cores as sites, each site gets an equal share and they train
+    side by side. With fewer cores than sites, sites with one core each would run in
+    waves whose last one leaves cores idle (3 sites on 2 cores: the third trains alone on
+    one core while the other waits), so each site gets every core and they take turns.
+    """
+    if num_supernodes < 1 or cores < 1:
+        raise ValueError(f"{num_supernodes} SuperNode(s) on {cores} core(s): both must be "
+                         "at least 1")
+    return cores // num_supernodes if cores >= num_supernodes else cores
+
+
+def _concurrency_words(num_supernodes: int, cores: int, cpus: int) -> str:
+    at_once = max(1, min(num_supernodes, cores // cpus))
+    return ("the sites train one after another" if at_once == 1
+            else f"{at_once} of the {num_supernodes} sites train at a time")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from fedlsc_common.settings import project_root
     from fedlsc_tools.processes import local_superlink_port, stop_pids, superlink_pids
 
+    if args.cpus_per_client < 0:
+        raise ValueError(f"--cpus-per-client {args.cpus_per_client}: must be 0 (automatic) "
+                         "or a number of CPUs")
     project = Path(args.project).resolve() if args.project else (project_root() or Path.cwd())
     results = Path(args.results_dir or f"results/main-{time.strftime('%Y%m%d-%H%M%S')}")
     results = results.resolve()
@@ -157,7 +181,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     port = local_superlink_port()
     superlinks_before = superlink_pids(port)
     try:
-        code = simulate(project, overrides, num_supernodes=num_supernodes)
+        cpus = args.cpus_per_client or cpus_per_client_for(num_supernodes, os.cpu_count() or 1)
+        print(f"fedlsc: {cpus} CPU(s) per site: "
+              f"{_concurrency_words(num_supernodes, os.cpu_count() or 1, cpus)}", flush=True)
+        code = simulate(project, overrides, num_supernodes=num_supernodes,
+                        cpus_per_client=cpus)
     finally:
         started = superlink_pids(port) - superlinks_before
         if started and not args.keep_superlink:
@@ -432,6 +460,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="virtual SuperNodes (sites) (default: the partition's number of "
                           "sites: partition.num-partitions, or 4 for partition.name='site'); "
                           "min-available-nodes and min-train-nodes follow it unless given")
+    run.add_argument("--cpus-per-client", type=int, default=0, metavar="N",
+                     help="CPUs, and torch threads, per virtual SuperNode "
+                          "(client-resources-num-cpus) (default: 0 = cores / sites when "
+                          "there are at least as many cores as sites, else every core, the "
+                          "sites taking turns)")
     run.add_argument("--run-config", action="append", default=[], metavar="'KEY=VALUE ...'",
                      help="Flower run-config overrides of conf/'s settings, as for flwr run: "
                           "space-separated key=value pairs or a .toml file; may be repeated "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -169,8 +170,9 @@ def test_cmd_run_passes_the_derived_federation_to_flwr(tmp_path, monkeypatch, ca
 
     called = {}
 
-    def fake_simulate(project, overrides, *, num_supernodes):
-        called.update(project=project, overrides=overrides, num_supernodes=num_supernodes)
+    def fake_simulate(project, overrides, *, num_supernodes, cpus_per_client):
+        called.update(project=project, overrides=overrides, num_supernodes=num_supernodes,
+                      cpus_per_client=cpus_per_client)
         (tmp_path / "out").mkdir()
         (tmp_path / "out" / "summary.json").write_text(json.dumps({
             "rounds": 1, "final": {"global": {"balanced-accuracy": 0.5, "accuracy": 0.6},
@@ -181,10 +183,47 @@ def test_cmd_run_passes_the_derived_federation_to_flwr(tmp_path, monkeypatch, ca
     assert main(["run", "--results-dir", str(tmp_path / "out"), "--project", str(tmp_path),
                  "--run-config", "partition.name='site' results-dir='/elsewhere'"]) == 0
     assert called["num_supernodes"] == 4
+    assert called["cpus_per_client"] == cli.cpus_per_client_for(4, os.cpu_count() or 1)
     settings = _settings_of(called["overrides"])
     assert settings.results_dir == str(tmp_path / "out")  # --results-dir wins
     assert settings.min_available_nodes == 4
     assert "balanced accuracy of the global model: 0.5000" in capsys.readouterr().out
+
+
+def test_cpus_per_client_shares_the_cores_or_gives_each_site_all_of_them():
+    from fedlsc_tools.cli import cpus_per_client_for
+
+    assert cpus_per_client_for(3, 2) == 2  # fewer cores than sites: they take turns
+    assert cpus_per_client_for(3, 1) == 1
+    assert cpus_per_client_for(3, 16) == 5  # at least as many: an equal share each
+    assert cpus_per_client_for(4, 4) == 1
+    assert cpus_per_client_for(1, 8) == 8
+    with pytest.raises(ValueError, match="0 SuperNode"):
+        cpus_per_client_for(0, 2)
+
+
+def test_cmd_run_passes_the_cpus_asked_for_and_refuses_negative(tmp_path, monkeypatch,
+                                                                 capsys):
+    import fedlsc_tools.cli as cli
+
+    called = {}
+
+    def fake_simulate(project, overrides, *, num_supernodes, cpus_per_client):
+        called["cpus"] = cpus_per_client
+        (tmp_path / "out").mkdir(exist_ok=True)
+        (tmp_path / "out" / "summary.json").write_text(json.dumps({
+            "rounds": 1, "final": {"global": {"balanced-accuracy": 0.5, "accuracy": 0.6},
+                                   "personalized": {"balanced-accuracy": 0.4}}}))
+        return 0
+
+    monkeypatch.setattr(cli, "simulate", fake_simulate)
+    args = ["run", "--results-dir", str(tmp_path / "out"), "--project", str(tmp_path)]
+    assert main([*args, "--cpus-per-client", "3"]) == 0
+    assert called["cpus"] == 3
+    assert main([*args, "--cpus-per-client", "-1"]) == 2
+    assert "--cpus-per-client -1: must be 0" in capsys.readouterr().err
+    command = cli.flwr_run_command(Path("/app"), [], num_supernodes=3, cpus_per_client=2)
+    assert "num-supernodes=3 client-resources-num-cpus=2" in command
 
 
 def test_cmd_run_stops_the_local_superlink_it_started_and_no_other(tmp_path, monkeypatch,
@@ -199,7 +238,7 @@ def test_cmd_run_stops_the_local_superlink_it_started_and_no_other(tmp_path, mon
     already_there = subprocess.Popen(sleeper)
     started = []
 
-    def fake_simulate(project, overrides, *, num_supernodes):
+    def fake_simulate(project, overrides, *, num_supernodes, cpus_per_client):
         started.append(subprocess.Popen(sleeper))
         time.sleep(0.3)  # its command line is readable from /proc
         (tmp_path / "out").mkdir(exist_ok=True)
