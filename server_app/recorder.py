@@ -345,7 +345,11 @@ class RunRecorder:
         self._round_start = time.perf_counter()
         self._round_started_at = time.time()
         glob, own = row["global"], row["personalized"]
-        if self.global_model_scored:
+        if not row["sites-evaluated"]:
+            log(INFO, "Round %s: not evaluated (evaluate-every = %s: the sites evaluate every "
+                "so many rounds and in the last); results in %s", true_round,
+                self.run_config.get("evaluate-every", "?"), self.dir)
+        elif self.global_model_scored:
             log(INFO, "Round %s: global accuracy %.4f, balanced accuracy %.4f (pooled held-out "
                 "data of %s sites); results in %s", true_round, glob.get("accuracy", float("nan")),
                 glob.get("balanced-accuracy", float("nan")), row["sites-evaluated"], self.dir)
