@@ -57,6 +57,7 @@ logger = logging.getLogger("flwr")
 #: ``num-threads`` (0 or unset: torch's default, one per core).
 NUM_THREADS_ENV = "FEDLSC_NUM_THREADS"
 LOCAL_STATE_FILE = "local_state.pt"
+OPTIMIZER_STATE_FILE = "optimizer_state.pt"
 PERSONALIZED_LIST_FILE = "personalized_layers.json"
 PERSONAL_MODEL_FILE = "personalized_model.pt"
 
@@ -303,6 +304,7 @@ class Site:
                                         num_classes=self.settings.model.num_classes,
                                         totals=totals)
             offsets = logit_offsets(prior, t.logit_adjustment)
+        kept = self.load_optimizer_state() if t.keep_optimizer_state else None
         stats = train_local(
             model, loader, epochs=t.local_epochs, lr=lr, device=self.device,
             proximal_mu=proximal_mu, anchor=anchor, class_weights=weights,
@@ -313,7 +315,9 @@ class Site:
             optimizer_name=t.optimizer, momentum=t.momentum, weight_decay=t.weight_decay,
             label_smoothing=t.label_smoothing,
             frozen_layers=tuple(p.strip() for p in t.frozen_layers.split(",") if p.strip()),
-            label=f"{self.identity.name} round {server_round}")
+            optimizer_state=kept, label=f"{self.identity.name} round {server_round}")
+        if kept is not None:
+            self.save_optimizer_state(kept, server_round)
         return stats, lr, num_train
 
     def _sampling_totals(self, class_totals: list[int] | None) -> list[int] | None:
@@ -385,6 +389,22 @@ class Site:
         logger.info("%s: restored local weights of round %s from %s", self.identity.name,
                     blob["round"], path)
         return blob["state_dict"]
+
+    def save_optimizer_state(self, snapshot: dict[str, Any], server_round: int) -> None:
+        """This site's local optimizer after ``server_round`` (training.keep-optimizer-state)."""
+        atomic_torch_save({"round": server_round, **snapshot},
+                          self.identity.output_dir / OPTIMIZER_STATE_FILE)
+
+    def load_optimizer_state(self) -> dict[str, Any]:
+        """The optimizer state this site kept (from this run or the run it resumes); an
+        empty dict when there is none yet: the optimizer then starts afresh."""
+        path = self._own_file(OPTIMIZER_STATE_FILE)
+        if path is None:
+            return {}
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        logger.info("%s: continuing the local optimizer of round %s from %s",
+                    self.identity.name, blob.pop("round", "?"), path)
+        return blob
 
     def save_personalized_list(self, keys: list[str]) -> None:
         """The state_dict keys this site keeps (never sent), for its personalized model."""

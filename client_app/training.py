@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -112,6 +113,34 @@ def make_optimizer(name: str, params: list[torch.nn.Parameter], *, lr: float,
     raise ValueError(f"unknown optimizer {name!r}: expected 'adam', 'adamw' or 'sgd'")
 
 
+def optimizer_snapshot(optimizer: torch.optim.Optimizer, name: str,
+                       parameter_names: list[str]) -> dict[str, Any]:
+    """The optimizer's state, with what it was made for (its kind and the names of the
+    parameters it trains, in order), to carry to the next round's optimizer."""
+    return {"optimizer": name, "parameters": list(parameter_names),
+            "state_dict": optimizer.state_dict()}
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, snapshot: Mapping[str, Any],
+                      name: str, parameter_names: list[str], label: str = "site") -> bool:
+    """Load ``snapshot`` (:func:`optimizer_snapshot`) into ``optimizer`` keeping its
+    learning rates; returns whether it did. A snapshot of another optimizer kind or of
+    other parameters is not loaded (training starts afresh) and the reason is logged."""
+    if not snapshot:
+        return False
+    if snapshot.get("optimizer") != name or snapshot.get("parameters") != parameter_names:
+        logger.warning("%s: the kept optimizer state is of %s over %d parameter tensors, "
+                       "this round trains %s over %d: starting the optimizer afresh", label,
+                       snapshot.get("optimizer"), len(snapshot.get("parameters") or []),
+                       name, len(parameter_names))
+        return False
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    optimizer.load_state_dict(snapshot["state_dict"])
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    return True
+
+
 def train_local(
     model: nn.Module,
     loader: Iterable,
@@ -133,6 +162,7 @@ def train_local(
     weight_decay: float = 0.0,
     label_smoothing: float = 0.0,
     frozen_layers: tuple[str, ...] = (),
+    optimizer_state: dict[str, Any] | None = None,
     log_every_seconds: float = 30.0,
     label: str = "site",
 ) -> TrainStats:
@@ -149,6 +179,10 @@ def train_local(
     not train: they keep the values the round started from.
     ``lr_step_epochs`` > 0: StepLR of this round's local optimizer, lr·γ^⌊(epoch−1)/step⌋
     (the paper's StepLR(10, 0.1) as we read it: see the README).
+    ``optimizer_state``: the optimizer carries over between calls. A dict from an earlier
+    call (:func:`optimizer_snapshot`) is loaded before training, when it holds the same
+    optimizer over the same trainable parameters (else training starts afresh), with this
+    call's lr; afterwards the dict holds the optimizer's new state. ``None``: afresh.
     """
     model.train()
     if frozen_bn_statistics:
@@ -156,8 +190,12 @@ def train_local(
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()
     freeze_layers(model, frozen_layers)
-    optimizer = make_optimizer(optimizer_name, [p for p in model.parameters() if p.requires_grad],
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = make_optimizer(optimizer_name, [p for _, p in trainable],
                                lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if optimizer_state is not None:
+        restore_optimizer(optimizer, optimizer_state, optimizer_name,
+                          [n for n, _ in trainable], label)
     criterion = nn.CrossEntropyLoss(
         weight=None if class_weights is None else class_weights.to(device),
         label_smoothing=label_smoothing)
@@ -204,6 +242,10 @@ def train_local(
             if max_batches and step >= max_batches:
                 break
     seconds = time.perf_counter() - start
+    if optimizer_state is not None:
+        optimizer_state.clear()
+        optimizer_state.update(optimizer_snapshot(optimizer, optimizer_name,
+                                                  [n for n, _ in trainable]))
     stats = TrainStats(
         loss=total_loss / max(seen, 1), accuracy=correct / max(seen, 1), examples=seen,
         seconds=seconds, proximal=proximal_value(prox_params, prox_anchors, proximal_mu),

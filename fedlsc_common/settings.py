@@ -151,6 +151,7 @@ class TrainingSettings:
     weight_decay: float
     label_smoothing: float
     frozen_layers: str
+    keep_optimizer_state: bool
     num_workers: int
 
 

@@ -87,6 +87,24 @@ def test_restarted_site_restores_personalized_layers_from_its_own_disk(site, flw
         (after["classifier.weight"] - fresh).abs().max()
 
 
+def test_kept_optimizer_state_lives_on_the_site_s_disk_across_a_restart(site, flwr_logs):
+    """training.keep-optimizer-state: round 2 continues round 1's Adam from the site's own
+    file, also in a fresh process (empty context); off, no file is written."""
+    flat, node, out = site
+    _train(flat, node, _global_arrays(), 1)
+    assert not (out / "optimizer_state.pt").exists()
+    flat = {**flat, "training.keep-optimizer-state": True}
+    _train(flat, node, _global_arrays(), 1)
+    saved = torch.load(out / "optimizer_state.pt", weights_only=True)
+    assert saved["round"] == 1 and saved["optimizer"] == "adam"
+    assert {s["step"].item() for s in saved["state_dict"]["state"].values()} == {2.0}
+    _train(flat, node, _global_arrays(), 2)  # a new context: as after a restart
+    assert "continuing the local optimizer of round 1" in flwr_logs.text
+    again = torch.load(out / "optimizer_state.pt", weights_only=True)
+    assert again["round"] == 2
+    assert {s["step"].item() for s in again["state_dict"]["state"].values()} == {4.0}
+
+
 def test_first_round_with_a_local_head_starts_it_from_the_initial_model(site, flwr_logs):
     """FedAvg-FC: the classifier is never sent, not even in round 1."""
     flat, node, out = site

@@ -14,7 +14,9 @@ from client_app.training import (
     freeze_layers,
     lr_for_round,
     make_optimizer,
+    optimizer_snapshot,
     proximal_value,
+    restore_optimizer,
     train_local,
 )
 
@@ -116,6 +118,50 @@ def test_frozen_layers_keep_their_values_and_the_rest_trains():
         assert unchanged == name.startswith(first + "."), name
     with pytest.raises(ValueError, match="'head' names no parameter of the model"):
         freeze_layers(_toy_model(), ["head"])
+
+
+def test_kept_optimizer_state_continues_adam_with_this_rounds_lr():
+    """Two calls sharing a state dict train as one Adam run over both: the second call
+    continues the step count and moments (same weights as 8 steps in one call), at its own lr."""
+    cpu = torch.device("cpu")
+    loader = _toy_loader(64)  # 4 batches a pass
+    one_run = _toy_model()
+    train_local(one_run, loader, epochs=2, lr=0.01, device=cpu)
+    kept: dict = {}
+    two_rounds = _toy_model()
+    train_local(two_rounds, loader, epochs=1, lr=0.01, device=cpu, optimizer_state=kept)
+    assert kept["optimizer"] == "adam" and len(kept["parameters"]) == 4
+    assert all(s["step"] == 4 for s in kept["state_dict"]["state"].values())
+    train_local(two_rounds, loader, epochs=1, lr=0.01, device=cpu, optimizer_state=kept)
+    assert all(s["step"] == 8 for s in kept["state_dict"]["state"].values())
+    for a, b in zip(one_run.parameters(), two_rounds.parameters()):
+        torch.testing.assert_close(a, b)
+    # afresh each call (the default): a different result from the continued run
+    fresh = _toy_model()
+    for _ in range(2):
+        train_local(fresh, loader, epochs=1, lr=0.01, device=cpu)
+    assert not torch.equal(next(fresh.parameters()), next(two_rounds.parameters()))
+    # the lr of the call is kept, not the one saved with the state
+    model = _toy_model()
+    optimizer = make_optimizer("adam", list(model.parameters()), lr=0.5)
+    names = [n for n, _ in model.named_parameters()]
+    assert restore_optimizer(optimizer, kept, "adam", names)
+    assert [g["lr"] for g in optimizer.param_groups] == [0.5]
+    assert optimizer.state_dict()["state"][0]["step"] == 8
+
+
+def test_kept_optimizer_state_of_another_optimizer_or_parameters_starts_afresh(caplog):
+    model = _toy_model()
+    names = [n for n, _ in model.named_parameters()]
+    sgd = make_optimizer("sgd", list(model.parameters()), lr=0.1)
+    snapshot = optimizer_snapshot(sgd, "sgd", names)
+    adam = make_optimizer("adam", list(model.parameters()), lr=0.1)
+    assert not restore_optimizer(adam, snapshot, "adam", names, label="site-3")
+    assert "site-3: the kept optimizer state is of sgd over 4 parameter tensors, this " \
+        "round trains adam over 4" in caplog.text
+    assert not restore_optimizer(sgd, snapshot, "sgd", names[:2])
+    assert not restore_optimizer(sgd, {}, "sgd", names)
+    assert adam.state_dict()["state"] == {}
 
 
 def test_label_smoothing_keeps_the_model_from_full_confidence():
