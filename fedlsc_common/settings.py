@@ -87,6 +87,7 @@ class StrategySettings:
     agreement_rounds: int
     disagreeing_weight: float
     class_weighted_head: bool
+    server_learning_rate: float
     num_malicious_nodes: int
     num_nodes_to_select: int
     trim_beta: float
@@ -261,6 +262,7 @@ class Settings:
                 agreement_k=s.agreement_k, agreement_min_gap=s.agreement_min_gap,
                 agreement_rounds=s.agreement_rounds, disagreeing_weight=s.disagreeing_weight,
                 class_weighted_head=s.class_weighted_head,
+                server_learning_rate=s.server_learning_rate,
                 share_class_totals=self.training.balanced_sampling
                 and self.training.balance_over == "federation",
                 num_malicious_nodes=s.num_malicious_nodes,

@@ -54,6 +54,7 @@ def build_strategy(
     disagreeing_weight: float = 1.0,
     class_weighted_head: bool = False,
     share_class_totals: bool = False,
+    server_learning_rate: float = 1.0,
     num_malicious_nodes: int = 1,
     num_nodes_to_select: int = 0,
     trim_beta: float = 0.2,
@@ -74,11 +75,16 @@ def build_strategy(
     (:class:`~fedlsc_flwr.strategy.PersonalizedFedAvg`); this project's strategies only.
     ``share_class_totals`` asks the sites for those counts too and sends back their sum
     each round, for sites that balance their sampling over the federation.
+    ``server_learning_rate`` η (beyond the paper; this project's strategies only) moves
+    the shared parameters η times the way from the global model to the aggregate
+    (:func:`~fedlsc_flwr.strategy.personalized.server_step`); 1 = the aggregate itself.
     The names in ``ROBUST_NAMES`` are Flower's robust strategies (:func:`_build_robust`).
     """
     if name in FLOWER_NAMES:
         for option, value in (("class_weighted_head", class_weighted_head),
-                              ("share_class_totals", share_class_totals)):
+                              ("share_class_totals", share_class_totals),
+                              ("server_learning_rate", server_learning_rate != 1.0
+                               and server_learning_rate)):
             if value:
                 raise HyperParameterError(
                     option, value,
@@ -101,6 +107,7 @@ def build_strategy(
     fedavg_kwargs["update_dtype"] = update_dtype
     fedavg_kwargs["class_weighted_head"] = head_layer if class_weighted_head else ""
     fedavg_kwargs["share_class_totals"] = bool(share_class_totals)
+    fedavg_kwargs["server_learning_rate"] = server_learning_rate
     if name in ("fedlsc", "fedlsc-per0"):
         ratio = personalized_ratio if name == "fedlsc" else 0.0
         return FedLSC(temperature, ratio, proximal_mu, granularity,

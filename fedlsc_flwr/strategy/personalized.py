@@ -82,8 +82,12 @@ class PersonalizedFedAvg(SiteTracking, FedAvg):
         update_dtype: str = "float32",
         class_weighted_head: str = "",
         share_class_totals: bool = False,
+        server_learning_rate: float = 1.0,
         **fedavg_kwargs: Any,
     ) -> None:
+        if not (math.isfinite(server_learning_rate) and server_learning_rate > 0):
+            raise HyperParameterError("server_learning_rate", server_learning_rate,
+                                      "a number > 0 (1 = the new global model is the average)")
         if update_dtype not in UPDATE_DTYPES:
             raise HyperParameterError("update_dtype", update_dtype, "'float32' or 'float16'")
         if not max_update_norm_ratio >= 0:
@@ -99,6 +103,7 @@ class PersonalizedFedAvg(SiteTracking, FedAvg):
         self.update_dtype = update_dtype
         self.class_weighted_head = str(class_weighted_head)
         self.share_class_totals = bool(share_class_totals)
+        self.server_learning_rate = float(server_learning_rate)
         #: each site's last reported training images per class, by site name
         self.site_class_counts: dict[str, list[int]] = {}
         self._round_num_classes: int | None = None  # fixed by the round's first count list
@@ -185,6 +190,9 @@ class PersonalizedFedAvg(SiteTracking, FedAvg):
                                     dtype=np.float64)
             new_state.update(class_weighted_rows(
                 states, head.params + head.buffers, class_counts, new_state))
+        if self.server_learning_rate != 1.0:
+            new_state.update(server_step(global_state, new_state, shared,
+                                         self.server_learning_rate))
         record = ArrayRecord(
             {
                 k: array_from_numpy(new_state[k]) if k in new_state else self._global[k]
@@ -429,6 +437,22 @@ class LocalOnly(PersonalizedFedAvg):
 
 
 # ---------------------------------------------------------------------- helpers
+def server_step(global_state: Mapping[str, np.ndarray], averaged: Mapping[str, np.ndarray],
+                layers: Iterable[Layer], learning_rate: float) -> dict[str, np.ndarray]:
+    """The shared layers' trained parameters moved ``learning_rate`` times the way from
+    the global model to their average: w_g + η·(average − w_g) (FedOpt's server learning
+    rate with plain SGD, Reddi et al., ICLR 2021). Buffers (BatchNorm's running statistics)
+    and counters stay the average: they are estimates, not steps."""
+    moved = {}
+    for layer in layers:
+        for key in layer.params:
+            if key in averaged:
+                start = global_state[key]
+                step = averaged[key].astype(np.float64) - start
+                moved[key] = (start + learning_rate * step).astype(start.dtype)
+    return moved
+
+
 class _ArrayMeta:
     """Shape and dtype of an Array without reading its bytes (for layer grouping)."""
 

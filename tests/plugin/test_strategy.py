@@ -647,3 +647,43 @@ def test_share_class_totals_drops_a_first_round_reply_whose_count_list_differs(f
     assert arrays is not None and metrics["num-replies-dropped"] == 1
     assert "node 3" in flwr_logs.text and "must list 3 training-image counts" in flwr_logs.text
     assert strategy.class_totals() == [5, 7, 9]
+
+
+# ------------------------------------------------------------------ server learning rate
+@pytest.mark.parametrize("name", ["fedlsc", "fedavg-fc"])
+def test_server_learning_rate_scales_the_step_of_the_parameters_only(name):
+    """η = 2: every shared parameter moves twice as far from the global model as the
+    aggregate; running statistics, counters and layers kept on the sites as with η = 1."""
+    rng = np.random.default_rng(31)
+    g = small_model_state(rng)
+    states = client_states(g, 3, rng)
+    results = {}
+    for eta in (1.0, 2.0):
+        strategy = build_strategy(name, server_learning_rate=eta)
+        configure(strategy, g)
+        sent = set(strategy._sent_keys)
+        replies = [reply(i + 1, {k: v for k, v in s.items() if k in sent}, 10 * (i + 1))
+                   for i, s in enumerate(states)]
+        arrays, _ = strategy.aggregate_train(1, replies)
+        results[eta] = {k: arrays[k].numpy() for k in arrays}
+    personalized = build_strategy(name).personalized_layers
+    for key, plain in results[1.0].items():
+        moved = results[2.0][key]
+        if key.endswith(("running_mean", "running_var", "num_batches_tracked")) or \
+                key.rsplit(".", 1)[0] in personalized:
+            np.testing.assert_array_equal(moved, plain, err_msg=key)
+        else:
+            np.testing.assert_allclose(moved - g[key], 2 * (plain - g[key]), rtol=1e-4,
+                                       atol=1e-6, err_msg=key)
+            assert moved.dtype == g[key].dtype
+            assert not np.allclose(moved, plain), key
+
+
+@pytest.mark.parametrize("eta", [0.0, -1.0, float("nan")])
+def test_server_learning_rate_must_be_positive(eta):
+    from fedlsc_flwr.strategy import HyperParameterError
+
+    with pytest.raises(HyperParameterError, match="server_learning_rate"):
+        build_strategy("fedlsc", server_learning_rate=eta)
+    with pytest.raises(HyperParameterError, match="server_learning_rate"):
+        build_strategy("fedavg", server_learning_rate=2.0)
