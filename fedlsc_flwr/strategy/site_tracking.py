@@ -73,7 +73,9 @@ class SiteTracking:
                         grid: Grid) -> Iterable[Message]:
         self.failures = {phase: [] for phase in PHASES}
         messages = list(super().configure_train(server_round, arrays, config, grid))
-        self._sent["train"] = messages
+        # A new round: what was sent in an earlier one is not awaited (a round whose
+        # evaluation is skipped sends no evaluate message at all).
+        self._sent = {"train": messages}
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: Any, config: ConfigRecord,

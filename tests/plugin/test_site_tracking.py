@@ -126,6 +126,22 @@ def test_evaluation_failures_are_named_too(flwr_logs):
         in flwr_logs.text
 
 
+def test_a_round_without_evaluation_awaits_no_earlier_evaluate_message(flwr_logs):
+    """evaluate-every > 1: the recorder sends no evaluate message in a skipped round, and
+    Flower still calls aggregate_evaluate with no replies: no site has failed then."""
+    strategy = build_strategy("fedlsc")
+    g = small_model_state(np.random.default_rng(3))
+    configure(strategy, g)
+    instruction = Message(RecordDict({}), dst_node_id=11, message_type=MessageType.EVALUATE)
+    strategy._sent["evaluate"] = [instruction]  # round 1 was evaluated
+    strategy.aggregate_evaluate(1, [])
+    assert len(strategy.failures["evaluate"]) == 1  # a real silence is still named
+    configure(strategy, g)  # round 2: train only
+    strategy.aggregate_evaluate(2, [])
+    assert strategy.failures["evaluate"] == []
+    assert "Round 2 (evaluate)" not in flwr_logs.text
+
+
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True])
 def test_min_train_replies_must_be_a_positive_integer(bad):
     with pytest.raises(ValueError, match=f"min_train_replies must be an integer >= 1, got {bad}"):
