@@ -59,18 +59,19 @@ PRESETS: dict[str, list[str]] = {
             "training.lr=0.001", "training.class_weighted_loss=true",
             "training.balanced_sampling=false",
             "num_server_rounds=4", "target_accuracies='0.6,0.65,0.7'",
-            "calibration.enabled=false"],
+            "calibration.enabled=false", "evaluate_every=1"],
     "paper": ["+experiment=paper"],
     # The main job's recipe as conf/ holds it (EfficientNet-Lite0-SA from ImageNet, 96 px,
-    # 10 rounds x 40 batches per site, Adam 5e-4 decaying (cosine), balanced batches, head
-    # calibration after the last round).
-    "recipe": [],
+    # 12 rounds x 40 batches per site, Adam 5e-4 decaying (cosine), balanced batches, head
+    # calibration after the last round), evaluated every round for the table's curves and
+    # rounds to reach the targets (the main job evaluates every 3rd).
+    "recipe": ["evaluate_every=1"],
     # The main job's earlier recipe, 4 rounds x 1 whole local epoch: the GPU table of
     # benchmarks/reports/gpu-h100-2026-11-27-recipe.md was made with it.
     # Pinned as it ran: constant lr, each site its own number of steps, no head calibration.
     "recipe-4x1": ["num_server_rounds=4", "training.max_batches_per_epoch=0",
                    "training.lr_decay=none", "training.equal_local_steps=false",
-                   "calibration.enabled=false"],
+                   "calibration.enabled=false", "evaluate_every=1"],
     # The recipe cut for sweeps of many runs on a 2-core CPU (the bad-site benchmark): the
     # same pretrained network and optimiser at 64 px, 30 batches of 32 per local epoch,
     # 3 rounds.
@@ -78,7 +79,8 @@ PRESETS: dict[str, list[str]] = {
     # bad-site report and the CPU paper table ran).
     "recipe-lite": ["dataset.image_size=64", "training.max_batches_per_epoch=30",
                     "num_server_rounds=3", "training.lr_decay=none",
-                    "training.equal_local_steps=false", "calibration.enabled=false"],
+                    "training.equal_local_steps=false", "calibration.enabled=false",
+                    "evaluate_every=1"],
 }
 SPLIT_OVERRIDES: dict[str, list[str]] = {
     "dirichlet": ["partition=dirichlet"],
