@@ -304,7 +304,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.report_only:
         from fedlsc_common.settings import compose
 
-        cfg = compose([f"num_server_rounds={args.rounds}", f"min_available_nodes={args.sites}",
+        # Every round evaluated, as the rounds of its reports were (a round's cost includes
+        # the sites' evaluation); an override can still say otherwise.
+        cfg = compose([f"num_server_rounds={args.rounds}", "evaluate_every=1",
+                       f"min_available_nodes={args.sites}",
                        f"min_train_nodes={args.sites}", f"min_train_replies={min(2, args.sites)}",
                        *args.overrides])
         print(f"configuration: {cfg['model']['backbone']}, {cfg['dataset']['image_size']} px, "

@@ -33,7 +33,8 @@ def deployment(tmp_path_factory):
     sites = hospital_folders(DATA, work, "dirichlet", 3,
                              min_partition_size=compose()["partition"]["min_partition_size"])
     config = to_run_config(compose([
-        "model=small", "num_server_rounds=2", "dataset.image_size=32", "training.batch_size=16",
+        "model=small", "num_server_rounds=2", "evaluate_every=1", "dataset.image_size=32",
+        "training.batch_size=16",
         "training.max_batches_per_epoch=2", "strategy.personalized_ratio=0.1"]))
     config["results-dir"] = str(work / "results")
     with LoopbackFederation(work, sites, tls=True, auth=True) as federation:

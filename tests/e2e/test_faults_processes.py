@@ -49,7 +49,7 @@ def test_superlink_killed_mid_run_resumes_at_the_next_round(tmp_path, stop_proce
     home = tmp_path / "flwr-home"
     env = {**flower_env(), "FLWR_HOME": str(home), "FEDLSC_CACHE_DIR": str(tmp_path / "cache")}
     results = tmp_path / "results"
-    config = (f"num-server-rounds=4 dataset.image-size=32 training.batch-size=16 "
+    config = (f"num-server-rounds=4 evaluate-every=1 dataset.image-size=32 training.batch-size=16 "
               f"training.max-batches-per-epoch=2 strategy.personalized-ratio=0.1 "
               f"dataset.data-dir='{DATA}' results-dir='{results}' "
               f"model.backbone='resnet10t_sa' model.pretrained='false'")
@@ -106,7 +106,8 @@ def test_supernode_killed_mid_round_round_goes_on_and_site_rejoins_from_its_disk
                              min_partition_size=compose()["partition"]["min_partition_size"])
     victim_index, victim = 2, sites[2]
     config = to_run_config(compose([
-        "model=small", "num_server_rounds=3", "dataset.image_size=32", "training.batch_size=16",
+        "model=small", "num_server_rounds=3", "evaluate_every=1", "dataset.image_size=32",
+        "training.batch_size=16",
         # enough local work (~200 images) that the kill lands inside training
         "training.max_batches_per_epoch=12", "strategy.personalized_ratio=0.1",
         # rounds wait for all 3 sites to be connected, and aggregate from 2 or more

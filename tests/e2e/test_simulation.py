@@ -23,7 +23,8 @@ pytestmark = [
     pytest.mark.skipif(not DATA.is_dir(), reason="real HAM10000 data not found"),
 ]
 COMMON = {
-    "num-server-rounds": "2", "dataset.image-size": "32", "training.batch-size": "16",
+    "num-server-rounds": "2", "evaluate-every": "1", "dataset.image-size": "32",
+    "training.batch-size": "16",
     "training.max-batches-per-epoch": "3", "strategy.personalized-ratio": "0.1",
     "dataset.data-dir": f"'{DATA}'",
     # the small model, as before the main job moved to a pretrained EfficientNet

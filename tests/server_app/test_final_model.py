@@ -41,5 +41,6 @@ def test_one_round_is_not_an_average():
 
 def test_the_settings_window_is_cut_to_the_run_s_rounds():
     assert averager_for(Settings.from_hydra(["average_last_rounds=1"])) is None
-    assert averager_for(Settings.from_hydra(["average_last_rounds=4"])).from_round == 7
+    assert averager_for(Settings.from_hydra(["average_last_rounds=4", "num_server_rounds=10"])
+                        ).from_round == 7
     assert averager_for(Settings.from_hydra(["average_last_rounds=30"])).from_round == 1

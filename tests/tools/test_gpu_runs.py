@@ -44,7 +44,7 @@ def test_recipe_presets_compose():
     assert lite.model.backbone == "efficientnet_lite0_sa" and lite.dataset.image_size == 64
     assert lite.training.max_batches_per_epoch == 30 and lite.num_server_rounds == 3
     recipe = Settings.from_hydra(pt.PRESETS["recipe"])
-    assert recipe == Settings.from_hydra([])
+    assert recipe == Settings.from_hydra(["evaluate_every=1"])  # conf's recipe, every round
     earlier = Settings.from_hydra(pt.PRESETS["recipe-4x1"])
     assert earlier.num_server_rounds == 4 and earlier.training.max_batches_per_epoch == 0
     assert earlier.model == recipe.model and earlier.training.lr == recipe.training.lr

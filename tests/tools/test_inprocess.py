@@ -18,7 +18,7 @@ CLASSES = ["nv", "mel", "bkl", "bcc"]
 
 def _config(tmp_path, data):
     flat = to_run_config(compose([
-        "num_server_rounds=2", "dataset.image_size=32", "training.batch_size=8",
+        "num_server_rounds=2", "evaluate_every=1", "dataset.image_size=32", "training.batch_size=8",
         "training.max_batches_per_epoch=1", "model.backbone=resnet10t_sa",
         "model.pretrained='false'", "partition.num_partitions=2",
         "partition.min_partition_size=5", "min_available_nodes=2", "min_train_nodes=2",
