@@ -165,6 +165,14 @@ def test_run_refuses_a_federation_that_cannot_work(capsys):
     assert "fedlsc run: error: --num-supernodes 3" in capsys.readouterr().err
 
 
+def _write_finished_run(results: Path) -> None:
+    """What a finished run leaves for `fedlsc run`'s last line: summary.json."""
+    results.mkdir(exist_ok=True)
+    (results / "summary.json").write_text(json.dumps({
+        "rounds": 1, "final": {"global": {"balanced-accuracy": 0.5, "accuracy": 0.6},
+                               "personalized": {"balanced-accuracy": 0.4}}}))
+
+
 def test_cmd_run_passes_the_derived_federation_to_flwr(tmp_path, monkeypatch, capsys):
     import fedlsc_tools.cli as cli
 
@@ -173,10 +181,7 @@ def test_cmd_run_passes_the_derived_federation_to_flwr(tmp_path, monkeypatch, ca
     def fake_simulate(project, overrides, *, num_supernodes, cpus_per_client):
         called.update(project=project, overrides=overrides, num_supernodes=num_supernodes,
                       cpus_per_client=cpus_per_client)
-        (tmp_path / "out").mkdir()
-        (tmp_path / "out" / "summary.json").write_text(json.dumps({
-            "rounds": 1, "final": {"global": {"balanced-accuracy": 0.5, "accuracy": 0.6},
-                                   "personalized": {"balanced-accuracy": 0.4}}}))
+        _write_finished_run(tmp_path / "out")
         return 0
 
     monkeypatch.setattr(cli, "simulate", fake_simulate)
@@ -210,10 +215,7 @@ def test_cmd_run_passes_the_cpus_asked_for_and_refuses_negative(tmp_path, monkey
 
     def fake_simulate(project, overrides, *, num_supernodes, cpus_per_client):
         called["cpus"] = cpus_per_client
-        (tmp_path / "out").mkdir(exist_ok=True)
-        (tmp_path / "out" / "summary.json").write_text(json.dumps({
-            "rounds": 1, "final": {"global": {"balanced-accuracy": 0.5, "accuracy": 0.6},
-                                   "personalized": {"balanced-accuracy": 0.4}}}))
+        _write_finished_run(tmp_path / "out")
         return 0
 
     monkeypatch.setattr(cli, "simulate", fake_simulate)
@@ -241,10 +243,7 @@ def test_cmd_run_stops_the_local_superlink_it_started_and_no_other(tmp_path, mon
     def fake_simulate(project, overrides, *, num_supernodes, cpus_per_client):
         started.append(subprocess.Popen(sleeper))
         time.sleep(0.3)  # its command line is readable from /proc
-        (tmp_path / "out").mkdir(exist_ok=True)
-        (tmp_path / "out" / "summary.json").write_text(json.dumps({
-            "rounds": 1, "final": {"global": {"balanced-accuracy": 0.5, "accuracy": 0.6},
-                                   "personalized": {"balanced-accuracy": 0.4}}}))
+        _write_finished_run(tmp_path / "out")
         return 0
 
     monkeypatch.setattr(cli, "simulate", fake_simulate)
