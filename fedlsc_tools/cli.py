@@ -168,9 +168,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedlsc_common.settings import project_root
     from fedlsc_tools.processes import local_superlink_port, stop_pids, superlink_pids
 
-    if args.cpus_per_client < 0:
+    cores = os.cpu_count() or 1
+    if not 0 <= args.cpus_per_client <= cores:
         raise ValueError(f"--cpus-per-client {args.cpus_per_client}: must be 0 (automatic) "
-                         "or a number of CPUs")
+                         f"or a number of CPUs up to this machine's {cores} (a site asking "
+                         "for more would never be started)")
     project = Path(args.project).resolve() if args.project else (project_root() or Path.cwd())
     results = Path(args.results_dir or f"results/main-{time.strftime('%Y%m%d-%H%M%S')}")
     results = results.resolve()
@@ -181,9 +183,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     port = local_superlink_port()
     superlinks_before = superlink_pids(port)
     try:
-        cpus = args.cpus_per_client or cpus_per_client_for(num_supernodes, os.cpu_count() or 1)
+        cpus = args.cpus_per_client or cpus_per_client_for(num_supernodes, cores)
         print(f"fedlsc: {cpus} CPU(s) per site: "
-              f"{_concurrency_words(num_supernodes, os.cpu_count() or 1, cpus)}", flush=True)
+              f"{_concurrency_words(num_supernodes, cores, cpus)}", flush=True)
         code = simulate(project, overrides, num_supernodes=num_supernodes,
                         cpus_per_client=cpus)
     finally:

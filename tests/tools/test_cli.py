@@ -220,10 +220,13 @@ def test_cmd_run_passes_the_cpus_asked_for_and_refuses_negative(tmp_path, monkey
 
     monkeypatch.setattr(cli, "simulate", fake_simulate)
     args = ["run", "--results-dir", str(tmp_path / "out"), "--project", str(tmp_path)]
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: 4)
     assert main([*args, "--cpus-per-client", "3"]) == 0
     assert called["cpus"] == 3
     assert main([*args, "--cpus-per-client", "-1"]) == 2
     assert "--cpus-per-client -1: must be 0" in capsys.readouterr().err
+    assert main([*args, "--cpus-per-client", "5"]) == 2
+    assert "up to this machine's 4" in capsys.readouterr().err
     command = cli.flwr_run_command(Path("/app"), [], num_supernodes=3, cpus_per_client=2)
     assert "num-supernodes=3 client-resources-num-cpus=2" in command
 
