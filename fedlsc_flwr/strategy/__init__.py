@@ -81,14 +81,14 @@ def build_strategy(
     The names in ``ROBUST_NAMES`` are Flower's robust strategies (:func:`_build_robust`).
     """
     if name in FLOWER_NAMES:
-        for option, value in (("class_weighted_head", class_weighted_head),
-                              ("share_class_totals", share_class_totals),
-                              ("server_learning_rate", server_learning_rate != 1.0
-                               and server_learning_rate)):
-            if value:
+        for option, value, off, words in (
+                ("class_weighted_head", class_weighted_head, False, "false"),
+                ("share_class_totals", share_class_totals, False, "false"),
+                ("server_learning_rate", server_learning_rate, 1.0, "1")):
+            if value != off:
                 raise HyperParameterError(
                     option, value,
-                    "false with Flower's own fedavg/fedprox and the robust strategies",
+                    f"{words} with Flower's own fedavg/fedprox and the robust strategies",
                     f"{option} needs one of this project's strategies, not {name!r}")
         if update_dtype != "float32":
             raise HyperParameterError(

@@ -685,5 +685,6 @@ def test_server_learning_rate_must_be_positive(eta):
 
     with pytest.raises(HyperParameterError, match="server_learning_rate"):
         build_strategy("fedlsc", server_learning_rate=eta)
-    with pytest.raises(HyperParameterError, match="server_learning_rate"):
+    with pytest.raises(HyperParameterError, match="server_learning_rate") as refused:
         build_strategy("fedavg", server_learning_rate=2.0)
+    assert refused.value.requirement.startswith("1 with Flower's own")
