@@ -191,11 +191,11 @@ def train_local(
                 module.eval()
     freeze_layers(model, frozen_layers)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    trainable_names = [n for n, _ in trainable]
     optimizer = make_optimizer(optimizer_name, [p for _, p in trainable],
                                lr=lr, momentum=momentum, weight_decay=weight_decay)
     if optimizer_state is not None:
-        restore_optimizer(optimizer, optimizer_state, optimizer_name,
-                          [n for n, _ in trainable], label)
+        restore_optimizer(optimizer, optimizer_state, optimizer_name, trainable_names, label)
     criterion = nn.CrossEntropyLoss(
         weight=None if class_weights is None else class_weights.to(device),
         label_smoothing=label_smoothing)
@@ -244,8 +244,7 @@ def train_local(
     seconds = time.perf_counter() - start
     if optimizer_state is not None:
         optimizer_state.clear()
-        optimizer_state.update(optimizer_snapshot(optimizer, optimizer_name,
-                                                  [n for n, _ in trainable]))
+        optimizer_state.update(optimizer_snapshot(optimizer, optimizer_name, trainable_names))
     stats = TrainStats(
         loss=total_loss / max(seen, 1), accuracy=correct / max(seen, 1), examples=seen,
         seconds=seconds, proximal=proximal_value(prox_params, prox_anchors, proximal_mu),
