@@ -225,6 +225,19 @@ def update_blocks(
             yield key, start, stop, block
 
 
+def streamed_squared_norms(
+    global_state: Mapping[str, np.ndarray],
+    client_states: Sequence[Mapping[str, np.ndarray]],
+    layer: Layer,
+    workspace: np.ndarray,
+) -> np.ndarray:
+    """||Δw_i||² of a streamed layer for each client, one pass, summed in float64."""
+    squared_norms = np.zeros(len(client_states))
+    for *_, block in update_blocks(global_state, client_states, layer, workspace):
+        squared_norms += np.einsum("ij,ij->i", block, block)
+    return squared_norms
+
+
 def streamed_mean_similarity(
     global_state: Mapping[str, np.ndarray],
     client_states: Sequence[Mapping[str, np.ndarray]],
@@ -239,9 +252,7 @@ def streamed_mean_similarity(
     if n == 1:
         return np.zeros(1)
     if squared_norms is None:
-        squared_norms = np.zeros(n)
-        for *_, block in update_blocks(global_state, client_states, layer, workspace):
-            squared_norms += np.einsum("ij,ij->i", block, block)
+        squared_norms = streamed_squared_norms(global_state, client_states, layer, workspace)
     norms = np.sqrt(squared_norms)
     nonzero = norms > ZERO_NORM
     inv = np.where(nonzero, 1.0 / np.where(nonzero, norms, 1.0), 0.0)
@@ -362,6 +373,9 @@ def weighted_sum(
 def select_personalized(layer_mean_sim: Mapping[str, float], ratio: float) -> frozenset[str]:
     """Eq. 6: layers whose mean similarity is strictly below the ``ratio`` quantile.
 
+    Pass only layers that trained (:attr:`LayerReport.trained`): an untouched layer's
+    similarity of 0 is a convention, and counted it would move the quantile.
+
     The quantile is ``numpy.quantile`` with its default (linear) method. Ratio 0 selects
     nothing (nothing is strictly below the minimum).
     """
@@ -381,6 +395,10 @@ class LayerReport:
     mean_similarity: np.ndarray  # s̄_i per client, shape (N,)
     weights: np.ndarray  # ŵ_i per client, shape (N,)
     matrix: np.ndarray | None = None  # full s_ij, when asked for
+    #: False when no client changed the layer's parameters (every update exactly zero, as
+    #: for a layer frozen on the sites): its similarities are zeros by convention, not
+    #: measurements.
+    trained: bool = True
 
 
 def aggregate_layers(
@@ -413,23 +431,27 @@ def aggregate_layers(
         if not streams(n, layer) or with_matrix:
             updates = update_matrix(global_state, client_states, layer,
                                     workspace if n * layer.size <= workspace.size else None)
-            mean_sim = mean_similarity(updates)
+            norms = row_norms(updates)
+            mean_sim = mean_similarity(updates, norms)
             weights = softmax_weights(mean_sim, temperature)
             new_state.update(weighted_sum(global_state, client_states, layer, weights, updates))
             matrix = similarity_matrix(updates) if with_matrix else None
         else:
-            squared = None
             if squared_distances is not None and all(
                     key in d for d in squared_distances for key in layer.params):
                 squared = np.array([sum(d[key] for key in layer.params)
                                     for d in squared_distances])
+            else:
+                squared = streamed_squared_norms(global_state, client_states, layer, workspace)
+            norms = np.sqrt(squared)
             mean_sim = streamed_mean_similarity(global_state, client_states, layer, workspace,
                                                 squared)
             weights = softmax_weights(mean_sim, temperature)
             new_state.update(weighted_sum(global_state, client_states, layer, weights,
                                           workspace=workspace))
             matrix = None
-        reports[layer.name] = LayerReport(mean_sim, weights, matrix)
+        reports[layer.name] = LayerReport(mean_sim, weights, matrix,
+                                          trained=bool(np.any(norms > ZERO_NORM)))
     return new_state, reports
 
 

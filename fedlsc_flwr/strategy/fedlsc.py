@@ -122,11 +122,15 @@ class FedLSC(PersonalizedFedAvg):
             squared_distances=squared_distances,
         )
         if self.stage1_round is None:
-            layer_means = {name: float(r.mean_similarity.mean()) for name, r in reports.items()}
+            # A layer no site changed (frozen on the sites) has no similarity to rank.
+            layer_means = {name: float(r.mean_similarity.mean())
+                           for name, r in reports.items() if r.trained}
             self.personalized_layers = select_personalized(layer_means, self.personalized_ratio)
             self.stage1_round = server_round
-            log(INFO, "FedLSC stage 1 (round %s): %s of %s layers personalized: %s",
-                server_round, len(self.personalized_layers), len(reports),
+            untouched = len(reports) - len(layer_means)
+            log(INFO, "FedLSC stage 1 (round %s): %s of %s layers personalized%s: %s",
+                server_round, len(self.personalized_layers), len(layer_means),
+                f" ({untouched} more not trained by any site, left out)" if untouched else "",
                 sorted(self.personalized_layers))
         agreement = self._site_agreement(server_round, node_ids, reports)
         if self.disagreeing_weight < 1.0 and agreement["below"]:

@@ -247,3 +247,26 @@ def test_class_weighted_rows_average_each_class_by_its_counts():
     assert out["w"].dtype == np.float32
     with pytest.raises(ValueError, match="'w' has 3 rows, expected one per class \\(4\\)"):
         class_weighted_rows([a, b], ["w"], np.ones((2, 4)), fallback)
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_layer_no_client_changed_is_reported_as_not_trained(streamed, monkeypatch):
+    """Frozen on every site, a layer's updates are all zero: its similarities are the
+    convention 0, and the report says it did not train. One zero update among others
+    (the head of client 0) is still a trained layer."""
+    from fedlsc_flwr import similarity
+    from fedlsc_flwr.similarity import aggregate_layers
+
+    g, clients = _states(3, np.random.default_rng(4))
+    for c in clients:
+        c["conv.weight"], c["conv.bias"] = g["conv.weight"].copy(), g["conv.bias"].copy()
+    if streamed:
+        monkeypatch.setattr(similarity, "MATRIX_ELEMENTS", 10)
+        monkeypatch.setattr(similarity, "FEW_CLIENTS", 0)
+        monkeypatch.setattr(similarity, "BLOCK_ELEMENTS", 10)
+        monkeypatch.setattr(similarity, "MIN_BLOCK_COLUMNS", 7)
+    new, reports = aggregate_layers(g, clients, group_layers(g), 0.3)
+    assert reports["conv"].trained is False
+    np.testing.assert_array_equal(reports["conv"].mean_similarity, np.zeros(3))
+    np.testing.assert_array_equal(new["conv.weight"], g["conv.weight"])
+    assert reports["bn"].trained is True and reports["head"].trained is True

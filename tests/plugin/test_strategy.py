@@ -18,6 +18,7 @@ from flwr.app import (
 from flwr.serverapp.strategy import FedAvg, FedProx
 
 from fedlsc_flwr import FedLSC, PersonalizedFedAvg, build_strategy
+from fedlsc_flwr.similarity import select_personalized
 from fedlsc_flwr.strategy import SiteAwareFedAvg, SiteAwareFedProx
 from fedlsc_flwr.wire import PERSONALIZED_LAYERS_KEY, PROXIMAL_MU_KEY, array_view
 
@@ -149,6 +150,31 @@ def test_stage1_matches_reference(n, temperature):
     assert report.node_ids == list(range(1, n + 1))
     assert set(report.layers) == {"stem", "stem_bn", "block.conv", "block.bn",
                                   "attention", "classifier"}
+
+
+def test_stage1_ranks_only_the_layers_the_sites_trained():
+    """A layer every site left unchanged (frozen on the sites, training.frozen-layers) has
+    similarity 0 by convention; ranked with the others it would be the least similar and
+    take the place of the layer Eq. 6 is after. Stage 1 leaves it out."""
+    rng = np.random.default_rng(11)
+    g = small_model_state(rng)
+    states = client_states(g, 3, rng)
+    for state in states:
+        state["stem.weight"] = g["stem.weight"].copy()
+    strategy = FedLSC(temperature=0.2, personalized_ratio=0.3)
+    configure(strategy, g)
+    strategy.aggregate_train(1, [reply(i + 1, s) for i, s in enumerate(states)])
+
+    trained = {k: v for k, v in g.items() if not k.startswith("stem.")}
+    _, expected = reference_fedlsc(trained, [{k: s[k] for k in trained} for s in states],
+                                   0.2, 0.3)
+    assert strategy.personalized_layers == expected
+    assert "stem" not in strategy.personalized_layers
+    # Counted with its convention 0, the frozen layer would have been picked.
+    report = strategy.last_report.layers
+    means = {name: float(r.mean_similarity.mean()) for name, r in report.items()}
+    assert means["stem"] == 0.0 and min(v for k, v in means.items() if k != "stem") > 0
+    assert "stem" in select_personalized(means, 0.3)
 
 
 def test_local_only_hands_out_the_initial_model_once_and_every_layer_stays_private():
