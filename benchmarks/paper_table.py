@@ -68,19 +68,21 @@ PRESETS: dict[str, list[str]] = {
     "recipe": ["evaluate_every=1"],
     # The main job's earlier recipe, 4 rounds x 1 whole local epoch: the GPU table of
     # benchmarks/reports/gpu-h100-2026-11-27-recipe.md was made with it.
-    # Pinned as it ran: constant lr, each site its own number of steps, no head calibration.
+    # Pinned as it ran: constant lr, each site its own number of steps, every layer
+    # training, no head calibration.
     "recipe-4x1": ["num_server_rounds=4", "training.max_batches_per_epoch=0",
                    "training.lr_decay=none", "training.equal_local_steps=false",
-                   "calibration.enabled=false", "evaluate_every=1"],
+                   "training.frozen_layers=''", "calibration.enabled=false",
+                   "evaluate_every=1"],
     # The recipe cut for sweeps of many runs on a 2-core CPU (the bad-site benchmark): the
     # same pretrained network and optimiser at 64 px, 30 batches of 32 per local epoch,
     # 3 rounds.
-    # 3 rounds, constant lr, each site its own number of steps, no head calibration (as the
-    # bad-site report and the CPU paper table ran).
+    # 3 rounds, constant lr, each site its own number of steps, every layer training, no
+    # head calibration (as the bad-site report and the CPU paper table ran).
     "recipe-lite": ["dataset.image_size=64", "training.max_batches_per_epoch=30",
                     "num_server_rounds=3", "training.lr_decay=none",
-                    "training.equal_local_steps=false", "calibration.enabled=false",
-                    "evaluate_every=1"],
+                    "training.equal_local_steps=false", "training.frozen_layers=''",
+                    "calibration.enabled=false", "evaluate_every=1"],
 }
 SPLIT_OVERRIDES: dict[str, list[str]] = {
     "dirichlet": ["partition=dirichlet"],

@@ -34,6 +34,7 @@ from client_app.partition import load_site_split
 from client_app.training import (
     TrainStats,
     cosine_factor,
+    frozen_layer_prefixes,
     head_inputs,
     lr_for_round,
     resolve_device,
@@ -314,7 +315,8 @@ class Site:
             lr_step_epochs=0 if by_round else t.lr_step_size, lr_gamma=t.lr_gamma,
             optimizer_name=t.optimizer, momentum=t.momentum, weight_decay=t.weight_decay,
             label_smoothing=t.label_smoothing,
-            frozen_layers=tuple(p.strip() for p in t.frozen_layers.split(",") if p.strip()),
+            frozen_layers=frozen_layer_prefixes(t.frozen_layers, self.settings.model.backbone,
+                                                self.settings.model.pretrained_source),
             optimizer_state=kept, label=f"{self.identity.name} round {server_round}")
         if kept is not None:
             self.save_optimizer_state(kept, server_round)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedlsc_flwr.model import autocast_context, inputs_to_device
+from fedlsc_flwr.model import autocast_context, early_layers, inputs_to_device
 
 logger = logging.getLogger("flwr")
 
@@ -80,6 +80,25 @@ def add_proximal_gradient(params: list[torch.Tensor], anchors: list[torch.Tensor
         with_grad, anchored = [p for p, _ in pairs], [a for _, a in pairs]
         torch._foreach_add_([p.grad for p in with_grad],
                             torch._foreach_sub(with_grad, anchored), alpha=mu)
+
+
+#: ``training.frozen-layers`` entry that stands for the backbone's early layers.
+EARLY = "early"
+
+
+def frozen_layer_prefixes(setting: str, backbone: str, pretrained: bool | str) -> tuple[str, ...]:
+    """``training.frozen-layers`` (comma-separated state_dict prefixes) as a tuple, with
+    "early" replaced by the backbone's stem and first stage(s)
+    (:func:`fedlsc_flwr.model.early_layers`) when the model starts from pretrained weights,
+    and by nothing when it starts untrained: fixing random filters would only cripple it."""
+    prefixes: list[str] = []
+    for entry in (p.strip() for p in setting.split(",")):
+        if entry == EARLY:
+            if pretrained:
+                prefixes += [p for p in early_layers(backbone) if p not in prefixes]
+        elif entry and entry not in prefixes:
+            prefixes.append(entry)
+    return tuple(prefixes)
 
 
 def freeze_layers(model: nn.Module, prefixes: Iterable[str]) -> list[str]:

@@ -12,6 +12,7 @@ from client_app.training import (
     add_proximal_gradient,
     confusion_matrix,
     freeze_layers,
+    frozen_layer_prefixes,
     lr_for_round,
     make_optimizer,
     optimizer_snapshot,
@@ -118,6 +119,33 @@ def test_frozen_layers_keep_their_values_and_the_rest_trains():
         assert unchanged == name.startswith(first + "."), name
     with pytest.raises(ValueError, match="'head' names no parameter of the model"):
         freeze_layers(_toy_model(), ["head"])
+
+
+def test_early_stands_for_the_backbones_first_layers_when_it_starts_pretrained():
+    lite0 = ("backbone.conv_stem", "backbone.bn1", "backbone.blocks.0", "backbone.blocks.1",
+             "backbone.blocks.2")
+    assert frozen_layer_prefixes("early", "efficientnet_lite0_sa", True) == lite0
+    assert frozen_layer_prefixes("early", "efficientnet_lite0_sa", "/models/lite0.pth") == lite0
+    # Untrained, its filters are random: "early" then fixes nothing.
+    assert frozen_layer_prefixes("early", "efficientnet_lite0_sa", False) == ()
+    assert frozen_layer_prefixes(" classifier , early,classifier", "resnet10t_sa", True) == (
+        "classifier", "backbone.conv1", "backbone.bn1", "backbone.layer1")
+    assert frozen_layer_prefixes("", "resnet10t_sa", True) == ()
+    with pytest.raises(ValueError, match="unknown backbone 'vgg16'"):
+        frozen_layer_prefixes("early", "vgg16", True)
+
+
+@pytest.mark.parametrize("backbone", ["efficientnet_lite0_sa", "resnet10t_sa", "res2net50_sa"])
+def test_early_layers_name_the_first_layers_of_each_backbone(backbone):
+    """Every registered backbone's early layers exist in the model build_model makes (else
+    freeze_layers refuses them), and they come before every other trainable layer."""
+    from fedlsc_flwr.model import build_model, early_layers
+
+    model = build_model(backbone, 7)
+    frozen = set(freeze_layers(model, early_layers(backbone)))
+    names = [n for n, _ in model.named_parameters()]
+    assert frozen and names[:len(frozen)] == [n for n in names if n in frozen]
+    assert not any(n.startswith(("attention.", "classifier.")) for n in frozen)
 
 
 def test_kept_optimizer_state_continues_adam_with_this_rounds_lr():

@@ -89,6 +89,7 @@ def test_presets_compose_into_valid_settings(preset):
     # the presets that reports were made with keep the schedule they ran with
     if preset in ("recipe-4x1", "recipe-lite"):
         assert settings.training.lr_decay == "none" and not settings.training.equal_local_steps
+        assert settings.training.frozen_layers == ""  # every layer trained then
 
 
 def _fake_run(out: Path, split: str, method: str, seed: int, accs: list[float]) -> None:
