@@ -313,13 +313,20 @@ def _decode_all(
     return images[: len(kept)], tuple(kept)
 
 
-def build_transform(image_size: int, train: bool) -> v2.Compose:
+def build_transform(image_size: int, train: bool, crop_scale: float = 1.0) -> v2.Compose:
     """Resize (a no-op on cached images), augment when training, scale to float, ImageNet-normalise.
 
     Dermoscopy has no canonical orientation, so both flips and rotations are label-safe.
+    ``crop_scale`` < 1 (training only) first cuts a random part of at least that share of
+    the image's area and resizes it back (RandomResizedCrop).
     """
+    if not 0 < crop_scale <= 1:
+        raise ValueError(f"crop_scale must be in (0, 1], got {crop_scale}")
+    crop = [v2.RandomResizedCrop((image_size, image_size), scale=(crop_scale, 1.0),
+                                 antialias=True)] if train and crop_scale < 1 else []
     augment = (
         [
+            *crop,
             v2.RandomHorizontalFlip(),
             v2.RandomVerticalFlip(),
             v2.RandomRotation(20),
@@ -467,6 +474,7 @@ def make_loader(
     seed: int = 0,
     on_error: OnError = "raise",
     drop_last: bool = False,
+    crop_scale: float = 1.0,
 ) -> DataLoader:
     """A DataLoader of normalised float images and int64 labels.
 
@@ -475,6 +483,7 @@ def make_loader(
     False decodes every item every epoch (for sets too large for memory). Training
     loaders shuffle with ``seed``, or, when ``balanced``, draw classes by
     :func:`balanced_sampler` with ``sampling_power`` and ``balance_min_count``.
+    ``crop_scale``: random resized crops in training (:func:`build_transform`).
     """
     if not records:
         raise ValueError("make_loader: no records")
@@ -483,7 +492,8 @@ def make_loader(
         cache_dir = None if cache is True else Path(cache)
         images, kept = decode_images(records, image_size, cache_dir=cache_dir, on_error=on_error)
         records = [records[i] for i in kept]
-    dataset = ImageDataset(records, image_size, build_transform(image_size, train), images)
+    dataset = ImageDataset(records, image_size, build_transform(image_size, train, crop_scale),
+                           images)
     sampler = balanced_sampler(records, seed, sampling_power, balance_min_count) \
         if train and balanced else None
     generator = torch.Generator().manual_seed(seed)

@@ -182,7 +182,8 @@ class Site:
         kind = self.attack_kind()  # a simulated bad site may train on wrong labels
         wrong = (kind, s.attack.fraction) if kind.startswith("label-") else ("none", 0.0)
         sampling = (s.training.balanced_sampling, s.training.sampling_power,
-                    s.training.balance_min_count) if split == "train" else ()
+                    s.training.balance_min_count, s.training.random_crop_scale) \
+            if split == "train" else ()
         if (key, split, wrong, sampling) not in _LOADERS:
             if key not in _SPLITS:
                 _SPLITS[key] = load_site_split(
@@ -199,6 +200,7 @@ class Site:
                 balanced=split == "train" and s.training.balanced_sampling,
                 sampling_power=s.training.sampling_power,
                 balance_min_count=s.training.balance_min_count,
+                crop_scale=s.training.random_crop_scale,
                 batch_size=s.training.batch_size, num_workers=s.training.num_workers,
                 cache=image_cache_dir() if s.dataset.cache else False, seed=s.seed,
                 on_error=s.dataset.on_error)

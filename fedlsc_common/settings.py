@@ -151,6 +151,7 @@ class TrainingSettings:
     momentum: float
     weight_decay: float
     label_smoothing: float
+    random_crop_scale: float
     frozen_layers: str
     keep_optimizer_state: bool
     num_workers: int
@@ -313,6 +314,8 @@ class Settings:
             (0 <= self.training.momentum < 1, "training.momentum", "in [0, 1)"),
             (self.training.weight_decay >= 0, "training.weight-decay", "at least 0"),
             (0 <= self.training.label_smoothing < 1, "training.label-smoothing", "in [0, 1)"),
+            (0 < self.training.random_crop_scale <= 1, "training.random-crop-scale",
+             "in (0, 1] (1 = off)"),
             (self.calibration.min_class_count >= 1, "calibration.min-class-count",
              "at least 1"),
             (self.calibration.samples_per_class >= 1, "calibration.samples-per-class",

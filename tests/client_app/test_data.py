@@ -600,3 +600,26 @@ def test_decoding_and_export_show_progress_only_on_a_terminal(tmp_path, ham, mon
     else:  # (log records may reach this stream, depending on handlers other tests set up)
         assert "decoding images" not in shown and "writing site folders" not in shown
         assert "img/s" not in shown and "%|" not in shown
+
+
+def test_random_resized_crops_only_in_training_and_only_below_scale_1():
+    """crop_scale < 1 cuts a random part of the image (a different one each call) and
+    resizes it back; at 1 and at evaluation the image keeps all of its content."""
+    from torchvision.transforms import v2
+
+    from client_app.data import build_transform
+
+    kinds = lambda t: [type(step) for step in t.transforms]  # noqa: E731
+    assert v2.RandomResizedCrop in kinds(build_transform(32, True, 0.5))
+    assert v2.RandomResizedCrop not in kinds(build_transform(32, True))
+    assert v2.RandomResizedCrop not in kinds(build_transform(32, False, 0.5))
+    crop = next(s for s in build_transform(32, True, 0.5).transforms
+                if isinstance(s, v2.RandomResizedCrop))
+    assert tuple(crop.scale) == (0.5, 1.0) and tuple(crop.size) == (32, 32)
+    image = torch.arange(3 * 32 * 32, dtype=torch.float32).reshape(3, 32, 32) / 3072
+    torch.manual_seed(0)
+    cuts = [crop(image) for _ in range(4)]
+    assert all(c.shape == (3, 32, 32) for c in cuts)
+    assert any(not torch.allclose(cuts[0], c) for c in cuts[1:])
+    with pytest.raises(ValueError, match="crop_scale must be in \\(0, 1\\], got 0"):
+        build_transform(32, True, 0)

@@ -68,6 +68,7 @@ def test_paper_experiment_and_group_switches():
     ("training.momentum", 1.0, "'training.momentum' = 1.0: must be in [0, 1)"),
     ("training.weight-decay", -0.1, "'training.weight-decay' = -0.1: must be at least 0"),
     ("training.label-smoothing", 1.0, "'training.label-smoothing' = 1.0: must be in [0, 1)"),
+    ("training.random-crop-scale", 0.0, "'training.random-crop-scale' = 0.0: must be in (0, 1]"),
 ])
 def test_bad_values_name_key_and_value(key, value, words):
     flat = to_run_config(compose())
