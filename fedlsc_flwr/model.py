@@ -72,8 +72,9 @@ _REGISTRY: dict[str, BackboneSpec] = {
     # were trained in TensorFlow, with TF "SAME" padding and BatchNorm eps 1e-3. 40 groups
     # keep SA-Net's 32 channels per group of ResNet-50 (2048 / 64): 1280 / 40 = 32, and
     # 1280 divides by 2 * 40.
-    # Its early layers (stem, blocks 0-2: up to 40 channels at 1/8 of the input's side)
-    # carry ~40 % of a training step's time on a 2-core CPU at 96 px.
+    # Fixing its early layers (stem, blocks 0-2: up to 40 channels, down to 1/8 of the
+    # input's side) saves ~25 % of a training step's time on a 2-core CPU at 96 px
+    # (benchmarks/frozen_layers.py: 1.34x).
     "efficientnet_lite0_sa": BackboneSpec(
         "tf_efficientnet_lite0", sa_groups=40, load_pretrained=_load_lite0_package_weights,
         early_layers=("backbone.conv_stem", "backbone.bn1", "backbone.blocks.0",
