@@ -243,16 +243,14 @@ def streamed_mean_similarity(
     client_states: Sequence[Mapping[str, np.ndarray]],
     layer: Layer,
     workspace: np.ndarray,
-    squared_norms: np.ndarray | None = None,
+    squared_norms: np.ndarray,
 ) -> np.ndarray:
-    """Eq. 2-3 as :func:`mean_similarity`, for a layer streamed through ``workspace``:
-    one pass for the norms (unless ``squared_norms``, ||Δw_i||² of the layer, are given)
-    and one for û_i · Σ_j û_j, sums accumulated in float64."""
+    """Eq. 2-3 as :func:`mean_similarity`, for a layer streamed through ``workspace``,
+    given ``squared_norms`` (||Δw_i||² of the layer, e.g. :func:`streamed_squared_norms`):
+    one pass for û_i · Σ_j û_j, sums accumulated in float64."""
     n = len(client_states)
     if n == 1:
         return np.zeros(1)
-    if squared_norms is None:
-        squared_norms = streamed_squared_norms(global_state, client_states, layer, workspace)
     norms = np.sqrt(squared_norms)
     nonzero = norms > ZERO_NORM
     inv = np.where(nonzero, 1.0 / np.where(nonzero, norms, 1.0), 0.0)
