@@ -61,16 +61,16 @@ PRESETS: dict[str, list[str]] = {
             "num_server_rounds=4", "target_accuracies='0.6,0.65,0.7'",
             "calibration.enabled=false", "evaluate_every=1"],
     "paper": ["+experiment=paper"],
-    # The main job's recipe as conf/ holds it (EfficientNet-Lite0-SA from ImageNet, 96 px,
-    # 12 rounds x 40 batches per site, Adam 5e-4 decaying (cosine), balanced batches, head
-    # calibration after the last round), evaluated every round for the table's curves and
-    # rounds to reach the targets (the main job evaluates every 3rd).
+    # The main job's recipe as conf/ holds it (EfficientNet-Lite0-SA from ImageNet, 128 px,
+    # early layers fixed, 8 rounds x 40 batches per site, Adam 5e-4 decaying (cosine),
+    # balanced batches, head calibration after the last round), evaluated every round for
+    # the table's curves and rounds to reach the targets (the main job evaluates every 4th).
     "recipe": ["evaluate_every=1"],
     # The main job's earlier recipe, 4 rounds x 1 whole local epoch: the GPU table of
     # benchmarks/reports/gpu-h100-2026-11-27-recipe.md was made with it.
-    # Pinned as it ran: constant lr, each site its own number of steps, every layer
+    # Pinned as it ran: 96 px, constant lr, each site its own number of steps, every layer
     # training, no head calibration.
-    "recipe-4x1": ["num_server_rounds=4", "training.max_batches_per_epoch=0",
+    "recipe-4x1": ["dataset.image_size=96", "num_server_rounds=4", "training.max_batches_per_epoch=0",
                    "training.lr_decay=none", "training.equal_local_steps=false",
                    "training.frozen_layers=''", "calibration.enabled=false",
                    "evaluate_every=1"],

@@ -80,7 +80,7 @@ def test_presets_compose_into_valid_settings(preset):
     expected = {  # (backbone, image size, rounds, batches per local epoch; 0 = all)
         "paper": ("res2net50_sa", 224, 50, 0),
         "cpu": ("resnet10t_sa", 32, 4, 10),
-        "recipe": ("efficientnet_lite0_sa", 96, 12, 40),
+        "recipe": ("efficientnet_lite0_sa", 128, 8, 40),
         "recipe-4x1": ("efficientnet_lite0_sa", 96, 4, 0),
         "recipe-lite": ("efficientnet_lite0_sa", 64, 3, 30),
     }
