@@ -70,7 +70,8 @@ PRESETS: dict[str, list[str]] = {
     # benchmarks/reports/gpu-h100-2026-11-27-recipe.md was made with it.
     # Pinned as it ran: 96 px, constant lr, each site its own number of steps, every layer
     # training, no head calibration.
-    "recipe-4x1": ["dataset.image_size=96", "num_server_rounds=4", "training.max_batches_per_epoch=0",
+    "recipe-4x1": ["dataset.image_size=96", "num_server_rounds=4",
+                   "training.max_batches_per_epoch=0",
                    "training.lr_decay=none", "training.equal_local_steps=false",
                    "training.frozen_layers=''", "calibration.enabled=false",
                    "evaluate_every=1"],
