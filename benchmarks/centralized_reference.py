@@ -5,9 +5,10 @@ global score). A reference for what federating costs, not a way to train.
 
     python benchmarks/centralized_reference.py --rounds 10 --threads 2
 
-Defaults are the main job's (conf/): 3 Dirichlet β = 0.5 sites of seed 0, 96 px,
-EfficientNet-Lite0-SA from ImageNet, balanced batches of 32, Adam 5e-4 with cosine decay
-over the rounds, and per round as many batches as the 3 sites train together (3 × 40).
+Defaults are the main job's (conf/): 3 Dirichlet β = 0.5 sites of seed 0, 128 px,
+EfficientNet-Lite0-SA from ImageNet with the layers `training.frozen-layers` names fixed
+(the main job's "early"), balanced batches of 32, Adam 5e-4 with cosine decay over the
+rounds, and per round as many batches as the 3 sites train together (3 × 40).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 from client_app.data import make_loader
 from client_app.partition import load_site_split
-from client_app.training import confusion_matrix, train_local
+from client_app.training import confusion_matrix, frozen_layer_prefixes, train_local
 from fedlsc_common.classes import CLASSES
 from fedlsc_common.settings import Settings, image_cache_dir, resolve_data_dir
 from fedlsc_flwr.metrics import classification_metrics
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                          sampling_power=t.sampling_power, seed=s.seed)
     test_loader = make_loader(test, size, train=False, batch_size=64, cache=image_cache_dir())
     batches = t.max_batches_per_epoch * p.num_partitions
+    frozen = frozen_layer_prefixes(t.frozen_layers, s.model.backbone, s.model.pretrained_source)
     print(f"{len(train)} training / {len(test)} held-out images, {rounds} rounds of "
           f"{batches} batches of {t.batch_size}", flush=True)
     start = time.time()
@@ -64,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         lr = t.lr * ((1 + math.cos(math.pi * (r - 1) / rounds)) / 2
                      if t.lr_decay == "cosine" else 1.0)
         train_local(model, loader, epochs=1, lr=lr, device=torch.device("cpu"),
-                    max_batches=batches, equal_steps=True, log_every_seconds=1e9)
+                    max_batches=batches, equal_steps=True, frozen_layers=frozen,
+                    log_every_seconds=1e9)
         matrix, _ = confusion_matrix(model, test_loader, torch.device("cpu"), len(CLASSES))
         m = classification_metrics(matrix, CLASSES)
         recalls = " ".join(f"{c} {m[f'recall-{c}']:.2f}" for c in CLASSES

@@ -15,6 +15,7 @@ ratio is the model's, not the data loading's.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 
 import torch
@@ -61,11 +62,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     loader = make_loader(train, settings.dataset.image_size, train=True,
                          batch_size=settings.training.batch_size, cache=image_cache_dir(),
                          balanced=settings.training.balanced_sampling, seed=settings.seed)
-    batches = []
-    for images, labels in loader:
-        batches.append((images, labels))
-        if len(batches) == args.batches:
-            break
+    batches = list(itertools.islice(loader, args.batches))
     device = torch.device("cpu")
     time_training(settings, batches[:2], (), device)  # warm-up: first-call costs
     seconds: dict[str, list[float]] = {"all layers train": [], "early layers fixed": []}
